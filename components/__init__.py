@@ -1,0 +1,1 @@
+"""resops components: importable, unit-tested building blocks for every pipeline stage."""

@@ -1,0 +1,127 @@
+"""Prepare: raw files -> validated, split, sharded Parquet + manifest + report."""
+from __future__ import annotations
+
+import hashlib
+import json
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from components.data.images import ImageDecodeError, decode_image
+from components.data.shards import write_shards
+from components.data.sources import get_source
+
+SPLITS = ("train", "val", "test")
+
+
+class CorruptDataError(RuntimeError):
+    """Raised when raw images cannot be read and skipping them is not allowed."""
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    manifest: pd.DataFrame
+    report: dict
+
+
+def _inspect(raw_dir: Path, rel: str, in_chans: int, max_pixels: int) -> tuple[bytes | None, str, int, int, str]:
+    path = raw_dir / rel
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, "", 0, 0, f"unreadable file: {exc.strerror or exc}"
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        arr = decode_image(data, in_chans=in_chans, max_pixels=max_pixels)
+    except ImageDecodeError as exc:
+        return None, sha, 0, 0, str(exc)
+    return data, sha, arr.shape[1], arr.shape[0], ""
+
+
+def split_records(frame: pd.DataFrame, test_size: float, val_size: float, seed: int) -> np.ndarray:
+    """Stratified train/val/test assignment (test first, then val carved from train)."""
+    idx = np.arange(len(frame))
+    strat = frame["stratify"].to_numpy()
+
+    def _strat(y):  # stratify only when every class can appear on both sides
+        _, counts = np.unique(y, return_counts=True)
+        return y if counts.min() >= 2 else None
+
+    train_idx, test_idx = train_test_split(idx, test_size=test_size, random_state=seed, stratify=_strat(strat))
+    split = np.empty(len(frame), dtype=object)
+    split[test_idx] = "test"
+    if val_size > 0:
+        tr, va = train_test_split(train_idx, test_size=val_size, random_state=seed, stratify=_strat(strat[train_idx]))
+        split[tr], split[va] = "train", "val"
+    else:
+        split[train_idx] = "train"
+    return split
+
+
+def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task: str, *, in_chans: int = 1,
+                    test_size: float = 0.25, val_size: float = 0.15, seed: int = 42, skip_corrupt: bool = False,
+                    rows_per_shard: int = 512, max_image_pixels: int = 50_000_000, threads: int = 4) -> PrepareResult:
+    """Validate every raw image, split, and write ``out_dir/shards``, ``manifest.parquet``, ``report.json``.
+
+    Corrupt images are listed in the report with the reason. Unless ``skip_corrupt`` the
+    function then raises :class:`CorruptDataError` naming them; nothing is silently dropped.
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    source = get_source(dataset)
+    if task not in source.tasks:
+        raise ValueError(f"dataset {dataset!r} supports tasks {source.tasks}, not {task!r}")
+    records = source.records(raw_dir, task)
+    frame = records.frame.reset_index(drop=True)
+
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda rel: _inspect(raw_dir, rel, in_chans, max_image_pixels), frame["path"]))
+    frame["image"] = [r[0] for r in results]
+    frame["sha256"] = [r[1] for r in results]
+    frame["width"] = [r[2] for r in results]
+    frame["height"] = [r[3] for r in results]
+    errors = [r[4] for r in results]
+    corrupt = [{"path": p, "reason": e} for p, e in zip(frame["path"], errors) if e]
+
+    report = {
+        "dataset": dataset, "task": task, "raw_dir": str(raw_dir), "class_names": records.class_names,
+        "num_records": len(frame), "corrupt": corrupt, "skip_corrupt": skip_corrupt,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if corrupt:
+        (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+        if not skip_corrupt:
+            listing = "; ".join(f"{c['path']}: {c['reason']}" for c in corrupt[:10])
+            raise CorruptDataError(
+                f"{len(corrupt)} of {len(frame)} images in {raw_dir} are unreadable ({listing}"
+                f"{' ...' if len(corrupt) > 10 else ''}). Fix or remove them, or set data.skip_corrupt: true "
+                f"to leave them out (they stay listed in {out_dir / 'report.json'}).")
+        frame = frame[[not e for e in errors]].reset_index(drop=True)
+
+    frame["split"] = split_records(frame, test_size, val_size, seed)
+    frame["label_name"] = [records.class_names[i] for i in frame["label"]]
+    frame["source"] = "real"
+    frame["label"] = frame["label"].astype("int64")
+    cols = ["image", "path", "label", "label_name", "split", "group", "sha256", "width", "height", "source", "attrs"]
+    frame = frame[cols].sort_values(["split", "path"], kind="stable").reset_index(drop=True)
+    shards = write_shards(frame, out_dir / "shards", rows_per_shard)
+
+    manifest = frame.drop(columns=["image"])
+    manifest["shard"] = [shards[i // rows_per_shard] for i in range(len(frame))]
+    manifest.to_parquet(out_dir / "manifest.parquet", index=False)
+    counts = {s: {records.class_names[k]: int(v) for k, v in sorted(manifest.loc[manifest.split == s, "label"].value_counts().items())}
+              for s in SPLITS}
+    report.update(num_prepared=len(manifest), counts=counts, shards=shards,
+                  data_digest=hashlib.sha256("".join(manifest["sha256"] + manifest["split"]).encode()).hexdigest())
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    return PrepareResult(manifest, report)
+
+
+def load_report(prepared_dir: str | Path) -> dict:
+    path = Path(prepared_dir) / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the prepare stage first")
+    return json.loads(path.read_text())

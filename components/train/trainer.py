@@ -1,0 +1,93 @@
+"""Driver side of training: Ray Data inputs, the TorchTrainer, and exporting the result."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from components.augment.operator import AugmentOperator
+from components.data.shards import shard_files
+from components.train.loop import MODEL_FILE, STATE_FILE, train_loop_per_worker
+
+_OPERATORS: dict[tuple, AugmentOperator] = {}
+
+
+def augment_batch(batch: dict, **kwargs) -> dict:
+    """Stateless Ray Data task wrapper: one cached :class:`AugmentOperator` per worker process."""
+    key = tuple(sorted(kwargs.items()))
+    op = _OPERATORS.get(key)
+    if op is None:
+        op = _OPERATORS[key] = AugmentOperator(**kwargs)
+    return op(batch)
+
+
+def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | None, image_size: int, in_chans: int,
+                  seed: int | None, cpus_per_task: float, max_pixels: int = 50_000_000, batch_size: int = 64):
+    """A Ray Dataset of decoded (and, with ``policy``, augmented) float tensors from Parquet shards."""
+    import ray.data
+
+    ds = ray.data.read_parquet(shard_files(shards_dir), columns=["image", "label", "split"])
+    if split:
+        ds = ds.filter(expr=f"split == '{split}'")
+    return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_task,
+                          fn_kwargs=dict(policy=policy, output="tensor", image_size=image_size, in_chans=in_chans,
+                                         seed=seed, max_pixels=max_pixels))
+
+
+def run_name(cfg: dict, data_digest: str) -> str:
+    """Stable name of a training run: same config and data -> same name -> resume on re-run."""
+    blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("wandb", "threads_per_worker")},
+                      sort_keys=True, default=str) + data_digest
+    return f"train-{cfg['model_name']}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    model_path: Path
+    history: list[dict]
+    run_dir: Path
+
+
+def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str | Path, out_model: str | Path, *,
+        num_workers: int = 1, cpus_per_worker: float = 1.0, use_gpu: bool = False, data_cpus: float = 0.5,
+        max_failures: int = 2, keep_checkpoints: int = 2, online_policy: str | None = "industrial",
+        data_digest: str = "") -> TrainResult:
+    """Train with Ray Train and copy the final weights to ``out_model``.
+
+    ``cfg`` is the worker config (see :func:`components.train.loop.train_loop_per_worker`).
+    Re-running with the same config and data resumes the run from its last checkpoint.
+    """
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    cfg = dict(cfg)
+    cfg.setdefault("run_name", run_name(cfg, data_digest))
+    common = dict(image_size=cfg["image_size"], in_chans=cfg["in_chans"], cpus_per_task=data_cpus,
+                  batch_size=cfg["batch_size"])
+    datasets = {
+        "train": image_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
+        "val": image_dataset(val_dir, "val", policy=None, seed=None, **common),
+    }
+    storage = Path(storage_path).resolve()
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=cfg, datasets=datasets,
+        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=cfg["run_name"], storage_path=str(storage),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training run {cfg['run_name']} finished without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        out_model = Path(out_model)
+        out_model.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(Path(d) / MODEL_FILE, out_model)
+        history = json.loads(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)["history"])
+    return TrainResult(out_model, history, storage / cfg["run_name"])
