@@ -8,6 +8,7 @@ One class serves both uses:
 from __future__ import annotations
 
 import os
+import zlib
 
 import cv2
 import numpy as np
@@ -65,6 +66,10 @@ class AugmentOperator:
             for i, im in enumerate(images):
                 for k in batch:
                     rows[k].append(batch[k][i])
+                if self.policy is not None and self.seed is not None:
+                    # Offline copies are reproducible whichever Ray worker makes them: seed per row.
+                    key = f"{batch['path'][i] if 'path' in batch else i}#{c}".encode()
+                    self.policy.set_random_seed((self.seed * 1_000_003 + zlib.crc32(key)) % 2**32)
                 rows["image"][-1] = encode_png(self._augment(im))
                 if "source" in rows:
                     rows["source"][-1] = "augment"

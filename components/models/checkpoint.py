@@ -52,7 +52,14 @@ def build_from_meta(meta: dict) -> nn.Module:
 
 
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild the model a file describes and load its weights (``weights_only=True``)."""
+    """Rebuild the model a file describes and load its weights (``weights_only=True``).
+
+    ``.npz`` files are the sparse format written by the prune stage.
+    """
+    if Path(path).suffix == ".npz":
+        from components.prune.unstructured import load_sparse  # late: prune builds on this module
+
+        return load_sparse(path)
     payload = load_payload(path)
     model = build_from_meta(payload["meta"])
     try:

@@ -1,0 +1,1 @@
+"""resops entry points: one function per DVC stage, the `resops` CLI, and job submission."""

@@ -1,0 +1,248 @@
+"""One thin function per DVC stage: read params, call components, write the stage's outs.
+
+The artifact layout (documented in the README) lives here and nowhere else.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pandas as pd
+
+from pipelines.params import Params
+from pipelines.runtime import init_ray
+
+RAW = Path("data/raw")
+PREPARED = Path("data/prepared")
+AUGMENTED = Path("data/augmented")
+REBALANCED = Path("data/rebalanced")
+TRAIN_MODEL = Path("models/train/model.pt")
+PRUNED_MODEL = Path("models/prune/model.npz")
+REGISTRY = Path("models/registry.json")
+PROMOTED = Path("models/promoted")
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+REPORTS = Path("reports/evaluation")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
+
+
+def _say(msg: str) -> None:
+    print(f"[resops] {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------ data
+def ingest(p: Params) -> dict:
+    from components.data.sources import get_source
+
+    name = p("data.dataset")
+    source = get_source(name)
+    if RAW.exists():
+        shutil.rmtree(RAW)
+    opts = {"folder": dict(p("data.folder")), "synthetic": dict(p("data.synthetic"), seed=p("seed"))}.get(name, {})
+    source.ingest(RAW / name, **opts)
+    n = sum(1 for f in (RAW / name).rglob("*") if f.is_file())
+    _say(f"ingest: {n} raw files of dataset {name!r} in {RAW / name}")
+    return {"dataset": name, "files": n}
+
+
+def prepare(p: Params) -> dict:
+    from components.data.prepare import prepare_dataset
+
+    name = p("data.dataset")
+    res = prepare_dataset(RAW / name, PREPARED, name, p("data.task"), in_chans=p("data.in_chans"),
+                          test_size=p("data.test_size"), val_size=p("data.val_size"), seed=p("seed"),
+                          skip_corrupt=p("data.skip_corrupt"), rows_per_shard=p("data.rows_per_shard"),
+                          max_image_pixels=p("data.max_image_pixels"))
+    _say(f"prepare: {res.report['num_prepared']} images, {len(res.report['corrupt'])} corrupt, "
+         f"counts {res.report['counts']}")
+    return res.report
+
+
+def augment(p: Params) -> dict:
+    """Offline augmentation of the training split on Ray Data; originals plus ``offline_copies`` copies."""
+    from components.data.shards import read_shards, write_shards
+    from components.train.trainer import augment_batch
+
+    init_ray(p)
+    import ray.data
+
+    train = read_shards(PREPARED / "shards", split="train")
+    parts = [train]
+    copies = int(p("augment.offline_copies"))
+    if copies > 0 and p("augment.policy") not in (None, "none"):
+        ds = ray.data.from_pandas(train).map_batches(
+            augment_batch, batch_format="numpy", batch_size=64, num_cpus=p("augment.cpus_per_task"),
+            fn_kwargs=dict(policy=p("augment.policy"), output="png", copies=copies, seed=p("seed"),
+                           in_chans=p("data.in_chans"), max_pixels=p("data.max_image_pixels")))
+        parts.append(ds.to_pandas().sort_values("path", kind="stable"))
+    out = pd.concat(parts, ignore_index=True)
+    write_shards(out, AUGMENTED / "shards", p("data.rows_per_shard"))
+    report = {"policy": p("augment.policy"), "offline_copies": copies, "rows_in": len(train), "rows_out": len(out)}
+    _write_json(AUGMENTED / "augment.json", report)
+    _say(f"augment: {len(train)} training images -> {len(out)} rows (policy {p('augment.policy')}, {copies} copies)")
+    return report
+
+
+def rebalance(p: Params) -> dict:
+    from components.data.prepare import load_report
+    from components.data.shards import read_shards, write_shards
+    from components.rebalance import rebalance_frame
+
+    num_classes = len(load_report(PREPARED)["class_names"])
+    res = rebalance_frame(read_shards(AUGMENTED / "shards"), num_classes, sampler=p("rebalance.sampler"),
+                          target_ratio=p("rebalance.target_ratio"), class_weight=p("rebalance.class_weight"),
+                          seed=p("seed"))
+    write_shards(res.frame.sample(frac=1.0, random_state=p("seed")), REBALANCED / "shards", p("data.rows_per_shard"))
+    report = {"sampler": p("rebalance.sampler"), "target_ratio": p("rebalance.target_ratio"),
+              "counts_before": res.counts_before, "counts_after": res.counts_after, "class_weights": res.class_weights}
+    _write_json(REBALANCED / "rebalance.json", report)
+    _say(f"rebalance: {res.counts_before} -> {res.counts_after}, class weights {res.class_weights}")
+    return report
+
+
+# ----------------------------------------------------------------------------- model
+def train(p: Params) -> dict:
+    from components.data.prepare import load_report
+    from components.train import fit
+
+    prep = load_report(PREPARED)
+    weights = json.loads((REBALANCED / "rebalance.json").read_text())["class_weights"]
+    cfg = {
+        "model_name": p("model.name"), "model_kwargs": dict(p("model.kwargs") or {}),
+        "num_classes": len(prep["class_names"]), "class_names": prep["class_names"], "in_chans": p("data.in_chans"),
+        "image_size": p("model.image_size"), "epochs": p("train.epochs"), "batch_size": p("train.batch_size"),
+        "lr": p("train.lr"), "weight_decay": p("train.weight_decay"), "label_smoothing": p("train.label_smoothing"),
+        "shuffle_buffer": p("train.shuffle_buffer"), "class_weights": weights,
+        "threads_per_worker": p("train.threads_per_worker"), "seed": p("seed"), "wandb": dict(p("train.wandb")),
+    }
+    init_ray(p)
+    t0 = time.time()
+    res = fit(cfg, REBALANCED / "shards", PREPARED / "shards", p("train.storage_path"), TRAIN_MODEL,
+              num_workers=p("train.num_workers"), cpus_per_worker=p("train.cpus_per_worker"),
+              use_gpu=p("train.use_gpu"), data_cpus=p("augment.cpus_per_task"), max_failures=p("train.max_failures"),
+              keep_checkpoints=p("train.keep_checkpoints"),
+              online_policy=p("augment.policy") if p("augment.online") else None, data_digest=prep["data_digest"])
+    last = res.history[-1]
+    summary = {**{k: v for k, v in last.items() if k != "start_epoch"}, "epochs_run": len(res.history),
+               "resumed_from_epoch": max(h["start_epoch"] for h in res.history), "wall_seconds": time.time() - t0,
+               "run_dir": str(res.run_dir)}
+    _write_json(METRICS / "train.json", summary)
+    PLOTS.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(res.history).to_csv(PLOTS / "train_history.csv", index=False)
+    _say(f"train: {len(res.history)} epochs, val accuracy {last['val_accuracy']:.3f}, "
+         f"val macro-F1 {last['val_macro_f1']:.3f}; model at {TRAIN_MODEL}")
+    return summary
+
+
+def _batches(p: Params, shards: Path, split: str | None, policy: str | None, meta: dict, batch_size: int):
+    from components.train import image_dataset
+
+    init_ray(p)
+    ds = image_dataset(shards, split, policy=policy, image_size=meta["image_size"], in_chans=meta["in_chans"],
+                       seed=p("seed") if policy else None, cpus_per_task=p("augment.cpus_per_task"),
+                       max_pixels=p("data.max_image_pixels"), batch_size=batch_size)
+    import torch
+
+    return ds.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64})
+
+
+def prune(p: Params) -> dict:
+    import torch
+
+    from components.models import load_model
+    from components.prune import apply_global_magnitude, make_permanent, save_sparse, sparsity_report
+    from components.train.loop import train_one_epoch
+
+    torch.manual_seed(p("seed"))
+    model, meta = load_model(TRAIN_MODEL)
+    before = sparsity_report(model, p("prune.include_fc"))
+    apply_global_magnitude(model, p("prune.sparsity"), include_fc=p("prune.include_fc"))  # needs contiguous weights
+    model = model.to(memory_format=torch.channels_last)
+    ft = []
+    if p("prune.finetune_epochs") > 0:
+        weights = json.loads((REBALANCED / "rebalance.json").read_text())["class_weights"]
+        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p("prune.finetune_lr"))
+        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights) if weights else None,
+                                            label_smoothing=p("train.label_smoothing"))
+        torch.set_num_threads(p("train.threads_per_worker"))
+        for _ in range(p("prune.finetune_epochs")):
+            batches = _batches(p, REBALANCED / "shards", None, p("augment.policy") if p("augment.online") else None,
+                               meta, p("train.batch_size"))
+            r = train_one_epoch(model, batches, opt, loss_fn, torch.device("cpu"), max_steps=p("prune.finetune_max_steps"))
+            ft.append({"samples": r["samples"], "loss": r["loss_sum"] / max(1, r["samples"])})
+    make_permanent(model)
+    after = sparsity_report(model, p("prune.include_fc"))
+    meta = dict(meta, pruning={"method": "global_magnitude_unstructured", "sparsity": p("prune.sparsity"),
+                               "include_fc": p("prune.include_fc")})
+    save_sparse(PRUNED_MODEL, model, meta)
+    # The dense size, measured the same way (same file format, every tensor dense), for comparison.
+    dense_size = TRAIN_MODEL.stat().st_size
+    report = {"requested_sparsity": p("prune.sparsity"), "measured_sparsity": after["target_sparsity_measured"],
+              "params": after["params"], "nonzero_params_before": before["nonzero_params"],
+              "nonzero_params_after": after["nonzero_params"], "file_bytes_dense": dense_size,
+              "file_bytes_sparse": PRUNED_MODEL.stat().st_size,
+              "size_ratio": PRUNED_MODEL.stat().st_size / dense_size, "finetune": ft}
+    _write_json(METRICS / "prune.json", report)
+    _say(f"prune: sparsity {after['target_sparsity_measured']:.3f}, non-zero params {before['nonzero_params']} -> "
+         f"{after['nonzero_params']}, file {dense_size / 1e6:.1f} MB -> {report['file_bytes_sparse'] / 1e6:.1f} MB")
+    return report
+
+
+def evaluate(p: Params) -> dict:
+    import torch
+
+    from components.evaluate import classification_metrics, confusion_png, confusion_rows, predict_dataset, write_html_report
+    from components.models import load_model
+
+    torch.set_num_threads(p("train.threads_per_worker"))
+    results, pictures, details = {}, {}, {}
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    for name, path in (("full", TRAIN_MODEL), ("pruned", PRUNED_MODEL)):
+        model, meta = load_model(path)
+        y, proba = predict_dataset(model.to(memory_format=torch.channels_last),
+                                   _batches(p, PREPARED / "shards", "test", None, meta, p("evaluate.batch_size")))
+        m = classification_metrics(y, proba, meta["class_names"])
+        details[name] = m
+        results[name] = {k: v for k, v in m.items() if k != "confusion_matrix"}
+        PLOTS.mkdir(parents=True, exist_ok=True)
+        confusion_rows(y, proba.argmax(1), meta["class_names"]).to_csv(PLOTS / f"confusion_{name}.csv", index=False)
+        confusion_png(m["confusion_matrix"], meta["class_names"], f"{name} model, test split", REPORTS / f"confusion_{name}.png")
+        pictures[name] = f"confusion_{name}.png"
+        _say(f"evaluate {name}: accuracy {m['accuracy']:.3f} (majority {m['majority_rate']:.3f}), balanced accuracy "
+             f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, ROC-AUC {m['roc_auc_ovr']}")
+    _write_json(METRICS / "evaluate.json", results)
+    _write_json(REPORTS / "evaluation.json", details)
+    write_html_report(REPORTS / "index.html", details, pictures)
+    return results
+
+
+def promote(p: Params) -> dict:
+    from components.data.prepare import load_report
+    from components.registry import dvc_out_hash, git_revision, register_candidate
+
+    results = json.loads((METRICS / "evaluate.json").read_text())
+    headline = {k: results["full"][k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mcc", "majority_rate")}
+    headline["pruned"] = {k: results["pruned"][k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    lineage = {
+        "params": {k: p(k) for k in ("data", "augment", "rebalance", "model", "train", "prune")},
+        "data_version": {"dvc_md5": dvc_out_hash("dvc.lock", PREPARED.as_posix()),
+                         "manifest_digest": load_report(PREPARED)["data_digest"]},
+        "git_revision": git_revision(),
+    }
+    entry = register_candidate(REGISTRY, PROMOTED, {"full": TRAIN_MODEL, "edge": PRUNED_MODEL}, headline,
+                               dict(p("promote.gates")), lineage)
+    if entry["status"] == "promoted":
+        _say(f"promote: {entry['version']} promoted (previous {entry['previous']}); weights in {PROMOTED}")
+    else:
+        _say(f"promote: {entry['version']} NOT promoted: {'; '.join(entry['reasons'])}. "
+             f"The promoted model stays {entry['previous']}.")
+    return entry
+
+
+STAGES = {f.__name__: f for f in (ingest, prepare, augment, rebalance, train, prune, evaluate, promote)}
