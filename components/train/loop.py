@@ -113,6 +113,15 @@ class _WandbSink:
             self.run.finish()
 
 
+def progress(line: str) -> None:
+    """One line to the worker's stdout, which Ray forwards to the driver once.
+
+    Ray Train V2 patches ``print`` into its own logger, which reaches the console several
+    times over; writing to the file descriptor keeps one readable line per epoch.
+    """
+    os.write(1, (line + "\n").encode())
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train worker entry point: DDP ResNet training with a checkpoint every epoch.
 
@@ -146,7 +155,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]) + 1, json.loads(state["history"])
         if rank == 0:
-            print(f"[train] resuming from checkpoint after epoch {start_epoch} of {epochs}", flush=True)
+            progress(f"[train] resuming from the checkpoint of epoch {start_epoch} of {epochs}")
     model = ray.train.torch.prepare_model(model)
     weights = cfg.get("class_weights")
     loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
@@ -180,11 +189,10 @@ def train_loop_per_worker(cfg: dict) -> None:
         record = {key: (float(v) if isinstance(v, (np.floating, float)) else v) for key, v in record.items()}
         history.append(record)
         if rank == 0:
-            print(f"[train] epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.3f}  "
+            progress(f"[train] epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.3f}  "
                   f"acc {record['train_accuracy']:.3f}  val_loss {record['val_loss']:.3f}  "
                   f"val_acc {record['val_accuracy']:.3f}  val_bal_acc {record['val_balanced_accuracy']:.3f}  "
-                  f"val_f1 {record['val_macro_f1']:.3f}  {record['images_per_second']:.1f} img/s  lr {lr:.2e}",
-                  flush=True)
+                  f"val_f1 {record['val_macro_f1']:.3f}  {record['images_per_second']:.1f} img/s  lr {lr:.2e}")
             sink.log(record, step=epoch + 1)
         with tempfile.TemporaryDirectory() as tmp:
             if rank == 0:

@@ -1,0 +1,38 @@
+"""Shared fixtures: one real local Ray instance for the session, on loopback."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+
+import pytest
+
+# Tests never need a wandb account, and this loopback-only Ray needs no token.
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ["RAY_AUTH_MODE"] = "disabled"
+os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """Start Ray in this process (2 CPUs, the edge and cloud resources) and share its address.
+
+    Subprocesses (``dvc repro``, ``resops ...``) join it through RAY_ADDRESS instead of each
+    starting their own instance.
+    """
+    import ray
+
+    ray.init(num_cpus=2, resources={"edge": 1, "cloud": 1}, include_dashboard=True, _node_ip_address="127.0.0.1",
+             logging_level=logging.WARNING)
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

@@ -1,0 +1,186 @@
+"""The whole path for real: `dvc repro` on a tiny synthetic set through every stage on a real Ray,
+DVC's up-to-date check and partial re-runs, push/pull through the default remote, then the
+promoted model served over real HTTP by `resops serve`."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import yaml
+
+from components.data.images import encode_png
+from tests.conftest import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+STAGES = ["ingest", "prepare", "augment", "rebalance", "train", "prune", "evaluate", "promote"]
+TINY = {
+    "data.dataset": "synthetic", "data.task": "multiclass",
+    "data.synthetic": {"num_images": 160, "image_size": 32, "num_classes": 2, "imbalance": 0.7},
+    "model.image_size": 32, "train.epochs": 3, "train.batch_size": 16, "train.threads_per_worker": 1,
+    "train.shuffle_buffer": 0, "prune.finetune_max_steps": 3, "evaluate.batch_size": 32,
+    # Promotion itself is tested in test_registry.py; here the tiny model must reach serving.
+    "promote.gates": {"min_macro_f1": None, "min_gain_over_majority": None, "compare_metric": "macro_f1",
+                      "max_regression": None},
+}
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    *head, last = dotted.split(".")
+    for k in head:
+        tree = tree[k]
+    tree[last] = value
+
+
+def _run(cmd: list[str], cwd: Path, env: dict, timeout: float = 900) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{out[-6000:]}"
+    return out
+
+
+def _digest(path: Path) -> dict[str, str]:
+    return {p.relative_to(path).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, ray_address):
+    """A fresh git + DVC project holding this repo's pipeline, with tiny params."""
+    proj = tmp_path_factory.mktemp("project")
+    for item in ("dvc.yaml", "components", "pipelines"):
+        src = ROOT / item
+        (shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy2(src, proj / item))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for k, v in TINY.items():
+        _set(params, k, v)
+    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copytree(ROOT / ".dvc", proj / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+    env = dict(os.environ, RAY_ADDRESS=ray_address, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    _run(["git", "init", "-q"], proj, env)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init", "--allow-empty"], proj, env)
+    (proj / ".gitignore").write_text("/.dvcstore/\n/wandb/\n/models/train/checkpoints/\n")
+    _run(["git", "add", "-A"], proj, env)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline"], proj, env)
+    return proj, env
+
+
+@pytest.fixture(scope="module")
+def repro(project):
+    proj, env = project
+    out = _run(["dvc", "repro"], proj, env)
+    return proj, env, out
+
+
+def test_repro_runs_every_stage_and_writes_outputs(repro):
+    proj, env, out = repro
+    for stage in STAGES:
+        assert f"Running stage '{stage}'" in out, f"stage {stage} did not run:\n{out[-3000:]}"
+    report = json.loads((proj / "data/prepared/report.json").read_text())
+    assert report["num_prepared"] == 160 and len(list((proj / "data/prepared/shards").glob("*.parquet"))) >= 1
+    train = json.loads((proj / "metrics/train.json").read_text())
+    assert train["epochs_run"] == 3 and train["resumed_from_epoch"] == 0
+    assert len((proj / "plots/train_history.csv").read_text().strip().splitlines()) == 1 + 3
+    prune = json.loads((proj / "metrics/prune.json").read_text())
+    assert abs(prune["measured_sparsity"] - 0.5) < 0.01 and prune["file_bytes_sparse"] < prune["file_bytes_dense"]
+    ev = json.loads((proj / "metrics/evaluate.json").read_text())
+    for model in ("full", "pruned"):
+        assert ev[model]["num_samples"] == report["num_prepared"] - sum(report["counts"]["train"].values()) \
+            - sum(report["counts"]["val"].values())
+        assert 0.0 <= ev[model]["macro_f1"] <= 1.0
+    registry = json.loads((proj / "models/registry.json").read_text())
+    entry = registry["entries"][-1]
+    assert registry["promoted"] == entry["version"] and entry["status"] == "promoted"
+    assert entry["data_version"]["dvc_md5"], "the data version (DVC hash of data/prepared) is recorded"
+    assert (proj / "models/promoted/full.pt").exists() and (proj / "models/promoted/edge.npz").exists()
+    # `dvc metrics show` reads the declared metrics files.
+    shown = _run(["dvc", "metrics", "show", "--json"], proj, env)
+    assert "metrics/evaluate.json" in shown and "metrics/train.json" in shown
+
+
+def test_second_repro_is_up_to_date(repro):
+    proj, env, _ = repro
+    out = _run(["dvc", "repro"], proj, env)
+    assert "Running stage" not in out
+    status = _run(["dvc", "status"], proj, env)
+    assert "up to date" in status, status
+
+
+def test_changing_a_train_knob_reruns_train_and_later_stages_only(repro):
+    proj, env, _ = repro
+    _run(["git", "add", "-A"], proj, env)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "repro"], proj, env)
+    out = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], proj, env)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in out]
+    assert ran == ["train", "prune", "evaluate", "promote"], out[-3000:]
+    assert json.loads((proj / "metrics/train.json").read_text())["epochs_run"] == 2
+
+
+def test_push_delete_pull_restores_prepared_data_byte_for_byte(repro):
+    proj, env, _ = repro
+    before = _digest(proj / "data/prepared")
+    assert before
+    _run(["dvc", "push"], proj, env)
+    shutil.rmtree(proj / ".dvc/cache")
+    shutil.rmtree(proj / "data/prepared")
+    _run(["dvc", "pull", "data/prepared"], proj, env)
+    assert _digest(proj / "data/prepared") == before
+
+
+def _png(size: int = 32) -> bytes:
+    rng = np.random.default_rng(0)
+    return encode_png(rng.integers(0, 255, (size, size), dtype=np.uint8))
+
+
+def test_resops_serve_answers_over_http(repro):
+    proj, env, _ = repro
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve", "--port", str(port)], cwd=proj, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ready = time.monotonic() + 180, False
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"{base}/healthz", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                ready = False
+            if ready:
+                break
+            time.sleep(0.5)
+        assert ready, f"server did not become healthy: {proc.poll()}"
+        registry = json.loads((proj / "models/registry.json").read_text())
+        r = httpx.post(f"{base}/predict", content=_png(), headers={"content-type": "image/png"}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == registry["promoted"]
+        assert body["label"] in {"crack", "ok"} and abs(sum(body["probabilities"].values()) - 1) < 1e-4
+        r = httpx.post(f"{base}/predict", files={"file": ("cell.png", _png(), "image/png")}, timeout=30)
+        assert r.status_code == 200 and r.json()["label"] in {"crack", "ok"}
+        # Malformed inputs: a 4xx JSON error that names the problem, and the server stays up.
+        r = httpx.post(f"{base}/predict", content=b"", headers={"content-type": "image/png"}, timeout=30)
+        assert 400 <= r.status_code < 500 and "empty" in r.json()["error"].lower()
+        r = httpx.post(f"{base}/predict", content=b"this is not an image", timeout=30)
+        assert 400 <= r.status_code < 500 and "image" in r.json()["error"].lower()
+        assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        # The CLI client prints the same answer.
+        img = proj / "cell.png"
+        img.write_bytes(_png())
+        cli = _run([sys.executable, "-m", "pipelines.cli", "predict", str(img), "--url", base], proj, env)
+        assert json.loads(cli)["label"] in {"crack", "ok"}
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
