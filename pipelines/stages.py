@@ -131,7 +131,7 @@ def train(p: Params) -> dict:
     last = res.history[-1]
     summary = {**{k: v for k, v in last.items() if k != "start_epoch"}, "epochs_run": len(res.history),
                "resumed_from_epoch": max(h["start_epoch"] for h in res.history), "wall_seconds": time.time() - t0,
-               "run_dir": str(res.run_dir)}
+               "run_name": res.run_dir.name}
     _write_json(METRICS / "train.json", summary)
     PLOTS.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(res.history).to_csv(PLOTS / "train_history.csv", index=False)

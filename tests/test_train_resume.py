@@ -13,7 +13,7 @@ from components.data.prepare import prepare_dataset
 from components.data.sources import get_source
 from components.train import fit
 
-EPOCHS = 4
+EPOCHS = 5
 
 
 def _config(num_classes: int, class_names: list[str]) -> dict:
@@ -54,11 +54,12 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_address, tiny_data, monk
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    # Wait (bounded) for the first epoch's checkpoint, then kill the worker process mid-run.
+    # Wait (bounded) until epoch 2 has started writing its checkpoint: by then epoch 1's checkpoint
+    # is registered with Ray Train (report() is a barrier), so a restart must resume from it.
     deadline = time.monotonic() + 300
     first = None
     while time.monotonic() < deadline and thread.is_alive():
-        found = sorted(storage.glob("*/epoch_0001"))
+        found = sorted(storage.glob("*/epoch_0002"))
         if found:
             first = found[0]
             break

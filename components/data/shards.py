@@ -30,8 +30,9 @@ def write_shards(df: pd.DataFrame, out_dir: str | os.PathLike, rows_per_shard: i
 
 
 def shard_files(path: str | os.PathLike) -> list[str]:
-    """The shard files under ``path`` in a stable order; a clear error when there are none."""
-    files = sorted(str(p) for p in Path(path).glob(SHARD_GLOB))
+    """The shard files under ``path`` (absolute: Ray tasks may run in another working directory)
+    in a stable order; a clear error when there are none."""
+    files = sorted(str(p.resolve()) for p in Path(path).glob(SHARD_GLOB))
     if not files:
         raise FileNotFoundError(f"no {SHARD_GLOB} shards under {path}: run the stage that writes it first")
     return files
