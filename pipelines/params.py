@@ -2,10 +2,29 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.2 floats: PyYAML (YAML 1.1) reads ``1e-3`` and ``2e-4`` as strings, DVC writes them so."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
 
 
 class ParamsError(KeyError):
@@ -33,8 +52,10 @@ class Params(dict):
 def set_path(tree: dict, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
-    for part in parts[:-1]:
+    for i, part in enumerate(parts[:-1]):
         node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"cannot set {dotted!r}: {'.'.join(parts[:i + 1])} is {node!r}, not a mapping")
     node[parts[-1]] = value
 
 
@@ -43,12 +64,12 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run resops from the project root or pass --params")
-    tree = yaml.safe_load(path.read_text()) or {}
+    tree = parse_yaml(path.read_text()) or {}
     for item in overrides or []:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key.path=value")
         key, value = item.split("=", 1)
-        set_path(tree, key.strip(), yaml.safe_load(value))
+        set_path(tree, key.strip(), parse_yaml(value))
     params = Params(copy.deepcopy(tree))
     params.source = str(path)
     return params

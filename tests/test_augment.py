@@ -131,14 +131,8 @@ def test_png_mode_row_seed_follows_the_path_not_the_batch_position():
 def test_png_mode_different_rows_get_different_augmentations():
     # The same source image under 16 paths x 2 copies: the only difference between rows is the
     # augmentation they draw.
-    # BUG (exposed by this test, not fixed here): components/augment/operator.py reseeds each row
-    # with `self.policy.set_random_seed(...)`; albumentations 2.x propagates that *same* seed to
-    # every transform of the Compose, so each transform's first probability draw is the same
-    # number u. The transforms fire all together or not at all (HorizontalFlip and VerticalFlip
-    # always coincide, never one alone), and whenever u >= 0.5 no transform of `industrial`
-    # fires: about half of the "augmented" copies are byte-identical to the source image.
-    # Fix: give the pipeline one shared stream per row, e.g.
-    # `self.policy.set_random_state(np.random.default_rng(s), random.Random(s))`.
+    # Regression: with Compose.set_random_seed every transform of a policy got the same seed, so
+    # they fired all together or not at all and about half the copies equalled the source image.
     n = 16
     batch = make_batch(n, same_image=True)
     original = decode_image(batch["image"][0])

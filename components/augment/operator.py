@@ -13,7 +13,7 @@ import zlib
 import cv2
 import numpy as np
 
-from components.augment.policies import build_policy
+from components.augment.policies import build_policy, seed_policy
 from components.data.images import decode_image, encode_png
 
 
@@ -69,7 +69,7 @@ class AugmentOperator:
                 if self.policy is not None and self.seed is not None:
                     # Offline copies are reproducible whichever Ray worker makes them: seed per row.
                     key = f"{batch['path'][i] if 'path' in batch else i}#{c}".encode()
-                    self.policy.set_random_seed((self.seed * 1_000_003 + zlib.crc32(key)) % 2**32)
+                    seed_policy(self.policy, (self.seed * 1_000_003 + zlib.crc32(key)) % 2**32)
                 rows["image"][-1] = encode_png(self._augment(im))
                 if "source" in rows:
                     rows["source"][-1] = "augment"

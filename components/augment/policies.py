@@ -1,10 +1,12 @@
 """Named albumentations policies. Add a policy by decorating a builder with @register_policy."""
 from __future__ import annotations
 
+import random
 from typing import Callable
 
 import albumentations as A
 import cv2
+import numpy as np
 
 _POLICIES: dict[str, Callable[[], A.Compose]] = {}
 
@@ -28,8 +30,17 @@ def build_policy(name: str | None, seed: int | None = None) -> A.Compose | None:
         raise ValueError(f"unknown augmentation policy {name!r}; known: {list_policies()}") from None
     policy = builder()
     if seed is not None:
-        policy.set_random_seed(seed)
+        seed_policy(policy, seed)
     return policy
+
+
+def seed_policy(policy: A.Compose, seed: int) -> None:
+    """Give every transform of ``policy`` one shared random stream seeded with ``seed``.
+
+    Not ``Compose.set_random_seed``: albumentations 2.x hands that same seed to each transform, so
+    every transform draws the same first number and they fire all together or not at all.
+    """
+    policy.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 @register_policy

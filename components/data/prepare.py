@@ -47,15 +47,21 @@ def split_records(frame: pd.DataFrame, test_size: float, val_size: float, seed: 
     idx = np.arange(len(frame))
     strat = frame["stratify"].to_numpy()
 
-    def _strat(y):  # stratify only when every class can appear on both sides
-        _, counts = np.unique(y, return_counts=True)
-        return y if counts.min() >= 2 else None
+    def _strat(y, size: float):
+        # Stratify only when it is possible: every class has >= 2 members and both sides of the
+        # split get at least one row per class; tiny sets fall back to a plain seeded split.
+        classes, counts = np.unique(y, return_counts=True)
+        n_small = int(np.ceil(size * len(y))) if size < 1 else int(size)
+        ok = counts.min() >= 2 and min(n_small, len(y) - n_small) >= len(classes)
+        return y if ok else None
 
-    train_idx, test_idx = train_test_split(idx, test_size=test_size, random_state=seed, stratify=_strat(strat))
+    train_idx, test_idx = train_test_split(idx, test_size=test_size, random_state=seed,
+                                           stratify=_strat(strat, test_size))
     split = np.empty(len(frame), dtype=object)
     split[test_idx] = "test"
     if val_size > 0:
-        tr, va = train_test_split(train_idx, test_size=val_size, random_state=seed, stratify=_strat(strat[train_idx]))
+        tr, va = train_test_split(train_idx, test_size=val_size, random_state=seed,
+                                  stratify=_strat(strat[train_idx], val_size))
         split[tr], split[va] = "train", "val"
     else:
         split[train_idx] = "train"

@@ -1,9 +1,14 @@
-"""One registry and one factory for every model: ``create_model(name, num_classes, in_chans, ...)``.
+"""One registry and one factory for every model: ``create_model(name, num_classes, in_chans, **kwargs)``.
 
-Variants are built on torchvision's ResNet (its BasicBlock and builder), never a copied ResNet.
+Variants are built on torchvision's ResNet (its ``ResNet`` class and ``BasicBlock``), never a
+copied ResNet. ``resnet18`` lives here; the attention and stem variants (``se_resnet18``,
+``resnet18_simam``, ``resnet18_k2``) live in :mod:`components.models.variants` and register
+themselves when :mod:`components.models` is imported.
 """
 from __future__ import annotations
 
+import inspect
+import operator
 from typing import Callable
 
 import torch
@@ -14,6 +19,7 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """Register a builder ``fn(num_classes, in_chans, **own_kwargs)`` under its function name."""
     _MODELS[fn.__name__] = fn
     return fn
 
@@ -22,27 +28,55 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def _positive_int(value: object, what: str) -> int:
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        number = operator.index(value)  # int and numpy integers; not floats, not strings
+    except TypeError:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return int(number)
+
+
 def create_model(name: str, num_classes: int, in_chans: int = 1, **kwargs) -> nn.Module:
+    """Build the registered model ``name``; ``kwargs`` are the variant's own options.
+
+    Raises ``ValueError`` for an unknown name, a bad ``num_classes``/``in_chans``, or an
+    option the variant does not take (a typo in ``params.yaml`` ``model.kwargs`` is an error,
+    never silently ignored).
+    """
     try:
         builder = _MODELS[name]
     except KeyError:
         raise ValueError(f"unknown model {name!r}; known: {list_models()}") from None
+    num_classes = _positive_int(num_classes, "num_classes")
+    in_chans = _positive_int(in_chans, "in_chans")
+    parameters = inspect.signature(builder).parameters.values()
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+    own_options = [p.name for p in parameters
+                   if p.name not in ("num_classes", "in_chans") and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = sorted(set(kwargs) - set(own_options))
+    if unknown and not takes_any:
+        raise ValueError(f"model {name!r} does not take {unknown}; its options: {own_options or 'none'}")
     return builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
 
 
-def _adapt_stem(model: nn.Module, in_chans: int) -> nn.Module:
+def with_input_channels(model: nn.Module, in_chans: int) -> nn.Module:
+    """Replace a torchvision ResNet's 3-channel ``conv1`` by a freshly initialised ``in_chans`` one."""
     if in_chans != 3:
         old = model.conv1
         model.conv1 = nn.Conv2d(in_chans, old.out_channels, kernel_size=old.kernel_size, stride=old.stride,
                                 padding=old.padding, bias=False)
-        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.kaiming_normal_(model.conv1.weight, mode="fan_out", nonlinearity="relu")  # torchvision's init
     return model
 
 
 @register_model
-def resnet18(num_classes: int, in_chans: int = 1, **_: object) -> nn.Module:
+def resnet18(num_classes: int, in_chans: int = 1) -> nn.Module:
     """torchvision's ResNet18 with ``in_chans`` input channels and a ``num_classes`` head."""
-    return _adapt_stem(tv_resnet18(weights=None, num_classes=num_classes), in_chans)
+    return with_input_channels(tv_resnet18(weights=None, num_classes=num_classes), in_chans)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -51,7 +85,7 @@ def count_parameters(model: nn.Module) -> int:
 
 def prediction_layer(model: nn.Module) -> nn.Module:
     """The final classifier, for pruning exclusions and transfer learning."""
-    return model.fc
+    return getattr(model, "module", model).fc  # through a DDP wrapper
 
 
 @torch.no_grad()

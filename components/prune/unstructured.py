@@ -8,6 +8,8 @@ tensor, either the dense array or a bit mask plus the non-zero values, in a comp
 from __future__ import annotations
 
 import json
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -99,11 +101,14 @@ def load_sparse(path: str | Path) -> tuple[nn.Module, dict]:
                     dense = np.zeros(mask.size, dtype=values.dtype)
                     dense[mask] = values
                     state[name] = torch.from_numpy(dense.reshape(shape))
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
         raise CheckpointError(f"sparse model file {path} is malformed: {exc}") from None
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
         raise CheckpointError(f"sparse model file {path}: metadata lacks {missing}")
     model = build_from_meta(meta)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise CheckpointError(f"sparse model file {path}: weights do not fit {meta['model_name']}: {exc}") from None
     return model.eval(), meta
