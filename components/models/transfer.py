@@ -8,8 +8,8 @@ with ``torch.load(weights_only=True)``, and copies every tensor that fits by nam
 
 * the input convolution (the model's first ``Conv2d``) is adapted when only its number of input
   channels differs: summed over the file's channels for a 1-channel model, otherwise repeated
-  and scaled by ``file_channels / in_chans`` (timm's ``adapt_input_conv``), so a grey image
-  copied into every channel gives the same response as the original filter on RGB;
+  and scaled by ``file_channels / in_chans`` (timm's ``adapt_input_conv``), which keeps the
+  filters' response scale;
 * a tensor of another shape (the ``fc`` head for another ``num_classes``) and a model tensor the
   file lacks (SE gates, the ``resnet18_k2`` stem) keep the model's own initialisation and are
   reported as ``reinitialised``; call this on a freshly built model;
@@ -89,9 +89,8 @@ def read_pretrained_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, random bytes, pickled objects weights_only refuses
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PretrainedWeightsError(f"pretrained weights file {path} cannot be read with "
-                                     f"torch.load(weights_only=True): {reason}") from None
+                                     f"torch.load(weights_only=True): {_load_failure_reason(exc)}") from None
     source_format = "state dict"
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         payload, source_format = payload["state_dict"], "resops checkpoint"
@@ -112,6 +111,17 @@ def read_pretrained_state_dict(path: str | Path) -> tuple[dict[str, Tensor], str
     return dict(payload), source_format, stripped_prefix
 
 
+def _load_failure_reason(exc: Exception) -> str:
+    """The informative part of a ``torch.load`` error, without its advice to load unsafely."""
+    text = str(exc).strip()
+    marker = "WeightsUnpickler error:"
+    if marker in text:
+        detail = " ".join(text.split(marker, 1)[1].split("Check the documentation", 1)[0].split())
+        detail = detail.split(" Please use", 1)[0]  # how to allowlist a class: not for a weights file
+        return f"not a pickle of tensors ({detail or 'unsupported content'})"
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def input_conv_weight_name(model: nn.Module) -> str:
     """State-dict name of the weight of the model's first convolution (the one that sees the image)."""
     for name, module in unwrap(model).named_modules():
@@ -124,9 +134,10 @@ def adapt_input_conv_weight(weight: Tensor, in_chans: int) -> Tensor:
     """A conv weight (out, file_channels, kh, kw) for ``in_chans`` input channels.
 
     ``in_chans == 1``: the sum over the file's channels (RGB filters summed: a grey image gives
-    the response the RGB filter gives to the same grey in R, G and B). Otherwise the channels
-    are repeated cyclically up to ``in_chans`` and scaled by ``file_channels / in_chans``,
-    which keeps the response to an image whose channels are all equal (timm's approach).
+    the response the RGB filters give to the same grey in R, G and B). Otherwise the channels
+    are repeated cyclically up to ``in_chans`` and scaled by ``file_channels / in_chans``
+    (timm's approach), which keeps the response scale; for an image whose channels are all
+    equal it keeps the response exactly when ``in_chans`` is a multiple of ``file_channels``.
     """
     source_chans = weight.shape[1]
     as_float = weight.float()

@@ -96,7 +96,8 @@ class KernelSize2Stem(nn.Sequential):
 
     Receptive field (input pixels per output pixel, r_k = r_(k-1) + (kernel_k - 1) * jump_(k-1)):
     conv1 2 (jump 2), conv2 2 + 1*2 = 4, conv3 4 + 1*2 = **6x6** for the stem (the 7x7 stem
-    has 7x7); after the 3x3 stride-2 max pool 6 + 2*2 = **10x10** (torchvision: 11x11).
+    has 7x7); after the 3x3 stride-2 max pool 6 + 2*2 = **10x10** (torchvision: 11x11). Stem
+    output row ``k`` sees input rows ``2k-2 .. 2k+3`` (the 7x7 one: ``2k-3 .. 2k+3``).
     """
 
     def __init__(self, in_chans: int, width: int = 32, out_channels: int = 64) -> None:
