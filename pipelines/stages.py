@@ -120,7 +120,21 @@ def train(p: Params) -> dict:
         "lr": p("train.lr"), "weight_decay": p("train.weight_decay"), "label_smoothing": p("train.label_smoothing"),
         "shuffle_buffer": p("train.shuffle_buffer"), "class_weights": weights,
         "threads_per_worker": p("train.threads_per_worker"), "seed": p("seed"), "wandb": dict(p("train.wandb")),
+        "freeze_backbone_epochs": p("train.freeze_backbone_epochs"), "backbone_lr_scale": p("train.backbone_lr_scale"),
+        "pretrained": None,
     }
+    transfer = None
+    if p("model.pretrained"):
+        from components.models import create_model, load_pretrained
+
+        # Checked here, before any Ray worker starts: a missing or malformed file fails the stage at once.
+        path = Path(p("model.pretrained")).expanduser().resolve()
+        report = load_pretrained(create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"],
+                                              **cfg["model_kwargs"]), path, in_chans=cfg["in_chans"])
+        _say(report.summary())
+        cfg["pretrained"] = str(path)
+        transfer = {"path": str(path), "loaded": len(report.loaded), "adapted": report.adapted,
+                    "reinitialised": report.reinitialised, "ignored": report.ignored}
     init_ray(p)
     t0 = time.time()
     res = fit(cfg, REBALANCED / "shards", PREPARED / "shards", p("train.storage_path"), TRAIN_MODEL,
@@ -131,7 +145,7 @@ def train(p: Params) -> dict:
     last = res.history[-1]
     summary = {**{k: v for k, v in last.items() if k != "start_epoch"}, "epochs_run": len(res.history),
                "resumed_from_epoch": max(h["start_epoch"] for h in res.history), "wall_seconds": time.time() - t0,
-               "run_name": res.run_dir.name}
+               "run_name": res.run_dir.name, "pretrained": transfer}
     _write_json(METRICS / "train.json", summary)
     PLOTS.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(res.history).to_csv(PLOTS / "train_history.csv", index=False)

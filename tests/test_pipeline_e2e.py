@@ -184,3 +184,20 @@ def test_resops_serve_answers_over_http(repro):
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.mark.parametrize("variant", ["se_resnet18", "resnet18_simam", "resnet18_k2"])
+def test_every_model_variant_trains_through_dvc_exp_run(repro, variant):
+    proj, env, _ = repro
+    out = _run(["dvc", "exp", "run", "-S", f"model.name={variant}", "-S", "train.epochs=1"], proj, env)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in out]
+    assert ran == ["train", "prune", "evaluate", "promote"], out[-3000:]
+    train = json.loads((proj / "metrics/train.json").read_text())
+    assert train["run_name"].startswith(f"train-{variant}-") and train["epochs_run"] == 1
+    from components.models import load_model
+
+    for path in ("models/train/model.pt", "models/prune/model.npz"):
+        model, meta = load_model(proj / path)
+        assert meta["model_name"] == variant and type(model).__name__ == "ResNet"
+    ev = json.loads((proj / "metrics/evaluate.json").read_text())
+    assert ev["full"]["num_samples"] > 0 and 0 <= ev["pruned"]["macro_f1"] <= 1

@@ -16,6 +16,7 @@ from torch import nn
 from components.evaluate.metrics import summary_from_confusion
 from components.models.checkpoint import save_model, unwrap
 from components.models.registry import create_model
+from components.models.transfer import backbone_parameters, head_parameters, load_pretrained
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -34,8 +35,13 @@ def autocast(device: torch.device):
 
 
 def train_one_epoch(model: nn.Module, batches, optimizer, loss_fn, device: torch.device, scaler=None,
-                    max_steps: int | None = None) -> dict:
-    """One pass over ``batches`` (dicts with float ``image`` NCHW and int ``label``)."""
+                    max_steps: int | None = None, frozen: list[nn.Parameter] | None = None) -> dict:
+    """One pass over ``batches`` (dicts with float ``image`` NCHW and int ``label``).
+
+    ``frozen`` parameters get no update: their gradients are dropped before the optimizer step
+    (AdamW skips a parameter without a gradient). Dropping rather than ``requires_grad=False``
+    keeps DDP's gradient buckets identical on every epoch.
+    """
     model.train()
     seen, loss_sum, correct, t0 = 0, 0.0, 0, time.perf_counter()
     for step, batch in enumerate(batches):
@@ -47,12 +53,13 @@ def train_one_epoch(model: nn.Module, batches, optimizer, loss_fn, device: torch
         with autocast(device):
             logits = model(x)
             loss = loss_fn(logits, y)
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        for param in frozen or ():
+            param.grad = None
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
         else:
-            loss.backward()
             optimizer.step()
         n = len(y)
         seen += n
@@ -138,15 +145,25 @@ def train_loop_per_worker(cfg: dict) -> None:
     torch.manual_seed(int(cfg["seed"]) + rank)
 
     model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg.get("model_kwargs", {}))
+    checkpoint = ray.train.get_checkpoint()
+    if cfg.get("pretrained") and not checkpoint:  # a resumed run has its own weights
+        report = load_pretrained(model, cfg["pretrained"], in_chans=cfg["in_chans"])
+        if rank == 0:
+            progress("[train] " + report.summary().replace("\n", "\n[train] "))
     model = model.to(memory_format=torch.channels_last)
     epochs = int(cfg["epochs"])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=float(cfg["lr"]), weight_decay=float(cfg["weight_decay"]))
+    # Fine-tuning: the backbone may learn at a fraction of the head's rate, or not at all for the
+    # first `freeze_backbone_epochs` epochs (linear probing before full fine-tuning).
+    backbone, head = backbone_parameters(model), head_parameters(model)
+    lr, scale = float(cfg["lr"]), float(cfg.get("backbone_lr_scale", 1.0))
+    freeze_epochs = int(cfg.get("freeze_backbone_epochs", 0))
+    optimizer = torch.optim.AdamW([{"params": backbone, "lr": lr * scale}, {"params": head, "lr": lr}],
+                                  lr=lr, weight_decay=float(cfg["weight_decay"]))
     warmup = min(1, epochs - 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(  # 1 warm-up epoch, then cosine to 0 over the rest
         optimizer, lambda e: (e + 1) / (warmup + 1) if e < warmup else
         0.5 * (1 + math.cos(math.pi * (e - warmup + 1) / (epochs - warmup + 1))))
     start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as d:
             model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"])
@@ -171,8 +188,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         batches = train_shard.iter_torch_batches(batch_size=int(cfg["batch_size"]), dtypes=dtypes,
                                                  local_shuffle_buffer_size=int(cfg.get("shuffle_buffer", 0)) or None,
                                                  drop_last=False, prefetch_batches=2)
-        tr = train_one_epoch(model, batches, optimizer, loss_fn, device, scaler)
-        lr = optimizer.param_groups[0]["lr"]
+        tr = train_one_epoch(model, batches, optimizer, loss_fn, device, scaler,
+                             frozen=backbone if epoch < freeze_epochs else None)
+        lr = optimizer.param_groups[-1]["lr"]  # the head's
         scheduler.step()
         cm, vloss, vn = confusion(model, val_shard.iter_torch_batches(batch_size=128, dtypes=dtypes), k, device)
         tot = _all_reduce([tr["samples"], tr["loss_sum"], tr["correct"], vloss, vn, *cm.ravel()], device)
