@@ -18,6 +18,8 @@ RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
 AUGMENTED = Path("data/augmented")
 REBALANCED = Path("data/rebalanced")
+GAN_DIR = Path("models/gan")
+GAN_REPORTS = Path("reports/gan")
 TRAIN_MODEL = Path("models/train/model.pt")
 PRUNED_MODEL = Path("models/prune/model.npz")
 REGISTRY = Path("models/registry.json")
@@ -89,20 +91,81 @@ def augment(p: Params) -> dict:
     return report
 
 
+def gan(p: Params) -> dict:
+    """Train the class-conditional GAN on the real training split when ``rebalance.strategy`` uses it.
+
+    Otherwise the stage only records that no generator is in use (DVC still needs its outs), so
+    the default pipeline pays nothing for it.
+    """
+    from components.data.prepare import load_report
+    from components.data.shards import read_shards
+    from components.rebalance import parse_strategy
+
+    shutil.rmtree(GAN_DIR, ignore_errors=True)
+    shutil.rmtree(GAN_REPORTS, ignore_errors=True)
+    GAN_DIR.mkdir(parents=True)
+    GAN_REPORTS.mkdir(parents=True)
+    if "gan" not in parse_strategy(p("rebalance.strategy")):
+        report = {"enabled": False, "reason": f"rebalance.strategy {p('rebalance.strategy')!r} does not use gan"}
+        _write_json(GAN_DIR / "gan.json", report)
+        _write_json(METRICS / "gan.json", report)
+        (GAN_REPORTS / "README.txt").write_text("No GAN: rebalance.strategy does not use it.\n")
+        _say(f"gan: skipped ({report['reason']})")
+        return report
+
+    from components.rebalance.gan import generate, save_sample_grid, train_gan
+    from components.rebalance.quality import check_quality, quality_report
+
+    prep = load_report(PREPARED)
+    real = read_shards(PREPARED / "shards", split="train")
+    g = p("gan")
+    init_ray(p)
+    res = train_gan(real, GAN_DIR, image_size=g["image_size"], in_chans=p("data.in_chans"),
+                    num_classes=len(prep["class_names"]), class_names=prep["class_names"], epochs=g["epochs"],
+                    batch_size=g["batch_size"], lr=g["lr"], lr_d=g["lr_d"], betas=tuple(g["betas"]), loss=g["loss"],
+                    z_dim=g["z_dim"], base_channels=g["base_channels"], d_steps=g["d_steps"], seed=p("seed"),
+                    num_workers=g["num_workers"], cpus_per_worker=g["cpus_per_worker"],
+                    threads_per_worker=g["threads_per_worker"], keep_checkpoints=g["keep_checkpoints"],
+                    storage_path=Path(g["storage_path"]).resolve(), max_pixels=p("data.max_image_pixels"))
+    grid = save_sample_grid(res.generator_path, real, GAN_REPORTS / "samples.png", seed=p("seed"))
+    q = g["quality"]
+    fakes = generate(res.generator_path, {k: int(q["samples_per_class"]) for k in range(len(prep["class_names"]))},
+                     seed=p("seed") + 1)
+    quality = quality_report(real, fakes, num_classes=len(prep["class_names"]), image_size=q["image_size"],
+                             in_chans=p("data.in_chans"), epochs=q["epochs"], seed=p("seed"),
+                             threads=p("train.threads_per_worker"))
+    report = {"enabled": True, "generator": str(res.generator_path), "version": res.version, "epochs": len(res.history),
+              "last_epoch": res.history[-1] if res.history else None, "samples": str(grid), "quality": quality}
+    _write_json(GAN_DIR / "gan.json", report)
+    _write_json(METRICS / "gan.json", {k: v for k, v in report.items() if k != "last_epoch"})
+    _say(f"gan: generator {res.version[:12]} after {len(res.history)} epochs; Frechet distance {quality['fd']:.2f} "
+         f"(real held-out {quality['fd_real_holdout']:.2f}); samples in {grid}")
+    # A generator that produces garbage fails the stage here, before its rows reach training.
+    check_quality(quality, max_fd=q["max_fd"], min_class_accuracy=q["min_class_accuracy"],
+                  max_fd_ratio=q["max_fd_ratio"], min_relative_class_accuracy=q["min_relative_class_accuracy"])
+    return report
+
+
 def rebalance(p: Params) -> dict:
     from components.data.prepare import load_report
     from components.data.shards import read_shards, write_shards
-    from components.rebalance import rebalance_frame
+    from components.rebalance import parse_strategy, rebalance_frame
 
     num_classes = len(load_report(PREPARED)["class_names"])
-    res = rebalance_frame(read_shards(AUGMENTED / "shards"), num_classes, sampler=p("rebalance.sampler"),
+    strategy = parse_strategy(p("rebalance.strategy"))
+    generator = GAN_DIR / "generator.pt" if "gan" in strategy else None
+    res = rebalance_frame(read_shards(AUGMENTED / "shards"), num_classes, strategy=strategy,
                           target_ratio=p("rebalance.target_ratio"), class_weight=p("rebalance.class_weight"),
-                          seed=p("seed"))
+                          seed=p("seed"), generator=generator, gan_size=p("rebalance.gan_size"),
+                          smote_size=p("rebalance.smote.size"), smote_k_neighbors=p("rebalance.smote.k_neighbors"),
+                          in_chans=p("data.in_chans"), max_pixels=p("data.max_image_pixels"))
     write_shards(res.frame.sample(frac=1.0, random_state=p("seed")), REBALANCED / "shards", p("data.rows_per_shard"))
-    report = {"sampler": p("rebalance.sampler"), "target_ratio": p("rebalance.target_ratio"),
-              "counts_before": res.counts_before, "counts_after": res.counts_after, "class_weights": res.class_weights}
+    report = {"strategy": "+".join(res.strategy), "target_ratio": p("rebalance.target_ratio"),
+              "counts_before": res.counts_before, "counts_after": res.counts_after, "added": res.added,
+              "class_weights": res.class_weights, "generator_version": res.generator_version}
     _write_json(REBALANCED / "rebalance.json", report)
-    _say(f"rebalance: {res.counts_before} -> {res.counts_after}, class weights {res.class_weights}")
+    _say(f"rebalance ({report['strategy']}): {res.counts_before} -> {res.counts_after}, "
+         f"class weights {res.class_weights}")
     return report
 
 
@@ -259,4 +322,4 @@ def promote(p: Params) -> dict:
     return entry
 
 
-STAGES = {f.__name__: f for f in (ingest, prepare, augment, rebalance, train, prune, evaluate, promote)}
+STAGES = {f.__name__: f for f in (ingest, prepare, augment, gan, rebalance, train, prune, evaluate, promote)}

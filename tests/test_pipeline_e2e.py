@@ -22,12 +22,15 @@ from components.data.images import encode_png
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "prepare", "augment", "rebalance", "train", "prune", "evaluate", "promote"]
+STAGES = ["ingest", "prepare", "augment", "gan", "rebalance", "train", "prune", "evaluate", "promote"]
 TINY = {
     "data.dataset": "synthetic", "data.task": "multiclass",
     "data.synthetic": {"num_images": 160, "image_size": 32, "num_classes": 2, "imbalance": 0.7},
     "model.image_size": 32, "train.epochs": 3, "train.batch_size": 16, "train.threads_per_worker": 1,
     "train.shuffle_buffer": 0, "prune.finetune_max_steps": 3, "evaluate.batch_size": 32,
+    "gan.image_size": 16, "gan.epochs": 2, "gan.batch_size": 16, "gan.z_dim": 16, "gan.base_channels": 8,
+    "gan.threads_per_worker": 1, "gan.quality.samples_per_class": 8, "gan.quality.image_size": 16,
+    "gan.quality.epochs": 2,
     # Promotion itself is tested in test_registry.py; here the tiny model must reach serving.
     "promote.gates": {"min_macro_f1": None, "min_gain_over_majority": None, "compare_metric": "macro_f1",
                       "max_regression": None},
@@ -201,3 +204,29 @@ def test_every_model_variant_trains_through_dvc_exp_run(repro, variant):
         assert meta["model_name"] == variant and type(model).__name__ == "ResNet"
     ev = json.loads((proj / "metrics/evaluate.json").read_text())
     assert ev["full"]["num_samples"] > 0 and 0 <= ev["pruned"]["macro_f1"] <= 1
+
+
+def test_gan_strategy_runs_end_to_end(repro):
+    proj, env, _ = repro
+    out = _run(["dvc", "exp", "run", "-S", "rebalance.strategy=gan", "-S", "rebalance.target_ratio=1.0",
+                "-S", "train.epochs=1"], proj, env)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in out]
+    assert ran == ["gan", "rebalance", "train", "prune", "evaluate", "promote"], out[-3000:]
+    gan = json.loads((proj / "metrics/gan.json").read_text())
+    assert gan["enabled"] and gan["epochs"] == 2 and gan["quality"]["fd"] >= 0
+    assert (proj / "reports/gan/samples.png").stat().st_size > 0
+    import pandas as pd
+
+    rows = pd.read_parquet(proj / "data/rebalanced/shards")
+    fake = rows[rows["source"] == "gan"]
+    assert len(fake) > 0 and set(fake["split"]) == {"train"}
+    assert set(fake["generator_version"] if "generator_version" in fake else
+               fake["attrs"].map(lambda a: json.loads(a)["generator_version"])) == {gan["version"]}
+    counts = rows["label"].value_counts()
+    assert counts.min() == counts.max(), counts  # target_ratio 1.0: every class raised to the majority
+    reb = json.loads((proj / "data/rebalanced/rebalance.json").read_text())
+    assert reb["generator_version"] == gan["version"]
+    # Synthetic rows never reach evaluation: the test split comes from data/prepared only.
+    ev = json.loads((proj / "metrics/evaluate.json").read_text())
+    prepared = pd.read_parquet(proj / "data/prepared/manifest.parquet")
+    assert ev["full"]["num_samples"] == int((prepared["split"] == "test").sum())
