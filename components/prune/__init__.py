@@ -1,6 +1,38 @@
-"""Pruning: global magnitude pruning, fine-tuning, sparse export."""
+"""Pruning and compression: global magnitude pruning, structured (channel) pruning, int8 ONNX
+quantization, knowledge distillation, and the sparse / structured model files.
+
+The structured, quantization and distillation names are imported lazily (PEP 562
+``__getattr__``): ``components.models.checkpoint.load_model`` imports this package for ``.npz``
+files and should not pay for torch-pruning and ONNX Runtime.
+"""
+from importlib import import_module
+
 from components.prune.unstructured import (apply_global_magnitude, load_sparse, make_permanent, prunable_parameters,
                                            save_sparse, sparsity_report)
 
+_LAZY = {
+    # structured pruning and its model file
+    "StructuredPruningError": "structured", "StructuredReport": "structured", "structured_prune": "structured",
+    "save_structured": "structured", "load_structured": "structured", "is_structured": "structured",
+    "count_macs_params": "structured",
+    # int8 through ONNX Runtime
+    "OnnxClassifier": "quantize", "QuantizationReport": "quantize", "export_onnx": "quantize",
+    "quantize_onnx": "quantize",
+    # knowledge distillation
+    "DistillationLoss": "distill", "finetune_epoch": "distill", "recalibrate_batchnorm": "distill",
+}
+
 __all__ = ["apply_global_magnitude", "load_sparse", "make_permanent", "prunable_parameters", "save_sparse",
-           "sparsity_report"]
+           "sparsity_report", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(import_module(f"components.prune.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
