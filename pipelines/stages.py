@@ -21,7 +21,7 @@ REBALANCED = Path("data/rebalanced")
 GAN_DIR = Path("models/gan")
 GAN_REPORTS = Path("reports/gan")
 TRAIN_MODEL = Path("models/train/model.pt")
-PRUNED_MODEL = Path("models/prune/model.npz")
+PRUNE_DIR = Path("models/prune")
 REGISTRY = Path("models/registry.json")
 PROMOTED = Path("models/promoted")
 METRICS = Path("metrics")
@@ -229,46 +229,125 @@ def _batches(p: Params, shards: Path, split: str | None, policy: str | None, met
     return ds.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64})
 
 
+def _finetune(p: Params, model, meta: dict, teacher, epochs: int, label: str) -> list[dict]:
+    """Short fine-tune of a compressed model on the rebalanced training set, distilled from
+    ``teacher`` (the full model) when ``prune.distill.enabled``."""
+    import torch
+
+    from components.prune import DistillationLoss, finetune_epoch
+
+    if epochs <= 0:
+        return []
+    weights = json.loads((REBALANCED / "rebalance.json").read_text())["class_weights"]
+    base = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights) if weights else None,
+                                     label_smoothing=p("train.label_smoothing"))
+    d = p("prune.distill")
+    loss = DistillationLoss(teacher if d["enabled"] else None, temperature=d["temperature"],
+                            alpha=d["alpha"] if d["enabled"] else 0.0, base_loss=base)
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p("prune.finetune_lr"))
+    history = []
+    for epoch in range(epochs):
+        batches = _batches(p, REBALANCED / "shards", None, p("augment.policy") if p("augment.online") else None,
+                           meta, p("train.batch_size"))
+        r = finetune_epoch(model, batches, opt, loss, torch.device("cpu"), max_steps=p("prune.finetune_max_steps"))
+        n = max(1, r["samples"])
+        history.append({"step": label, "epoch": epoch + 1, "samples": r["samples"], "loss": r["loss_sum"] / n,
+                        "distilled": bool(d["enabled"])})
+        _say(f"prune: fine-tune ({label}) epoch {epoch + 1}/{epochs}: loss {r['loss_sum'] / n:.3f} on {r['samples']} "
+             f"images{' (distilled from the full model)' if d['enabled'] else ''}")
+    return history
+
+
 def prune(p: Params) -> dict:
+    """Compress the trained model into the edge model: unstructured (sparse file) or structured
+    (channel-pruned, really faster) pruning, fine-tuned with optional distillation, optionally
+    exported to int8 ONNX. ``models/prune/edge.json`` records what was applied."""
     import torch
 
     from components.models import load_model
-    from components.prune import apply_global_magnitude, make_permanent, save_sparse, sparsity_report
-    from components.train.loop import train_one_epoch
+    from components.prune import make_permanent, sparsity_report
 
     torch.manual_seed(p("seed"))
-    model, meta = load_model(TRAIN_MODEL)
-    before = sparsity_report(model, p("prune.include_fc"))
-    apply_global_magnitude(model, p("prune.sparsity"), include_fc=p("prune.include_fc"))  # needs contiguous weights
+    torch.set_num_threads(p("train.threads_per_worker"))
+    if PRUNE_DIR.exists():
+        shutil.rmtree(PRUNE_DIR)
+    PRUNE_DIR.mkdir(parents=True)
+    teacher, meta = load_model(TRAIN_MODEL)
+    teacher = teacher.eval().to(memory_format=torch.channels_last)
+    model, _ = load_model(TRAIN_MODEL)
     model = model.to(memory_format=torch.channels_last)
-    ft = []
-    if p("prune.finetune_epochs") > 0:
-        weights = json.loads((REBALANCED / "rebalance.json").read_text())["class_weights"]
-        opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p("prune.finetune_lr"))
-        loss_fn = torch.nn.CrossEntropyLoss(weight=torch.tensor(weights) if weights else None,
-                                            label_smoothing=p("train.label_smoothing"))
-        torch.set_num_threads(p("train.threads_per_worker"))
-        for _ in range(p("prune.finetune_epochs")):
-            batches = _batches(p, REBALANCED / "shards", None, p("augment.policy") if p("augment.online") else None,
-                               meta, p("train.batch_size"))
-            r = train_one_epoch(model, batches, opt, loss_fn, torch.device("cpu"), max_steps=p("prune.finetune_max_steps"))
-            ft.append({"samples": r["samples"], "loss": r["loss_sum"] / max(1, r["samples"])})
-    make_permanent(model)
-    after = sparsity_report(model, p("prune.include_fc"))
-    meta = dict(meta, pruning={"method": "global_magnitude_unstructured", "sparsity": p("prune.sparsity"),
-                               "include_fc": p("prune.include_fc")})
-    save_sparse(PRUNED_MODEL, model, meta)
-    # The dense size, measured the same way (same file format, every tensor dense), for comparison.
+    method = p("prune.method")
     dense_size = TRAIN_MODEL.stat().st_size
-    report = {"requested_sparsity": p("prune.sparsity"), "measured_sparsity": after["target_sparsity_measured"],
-              "params": after["params"], "nonzero_params_before": before["nonzero_params"],
-              "nonzero_params_after": after["nonzero_params"], "file_bytes_dense": dense_size,
-              "file_bytes_sparse": PRUNED_MODEL.stat().st_size,
-              "size_ratio": PRUNED_MODEL.stat().st_size / dense_size, "finetune": ft}
+    report: dict = {"method": method, "distill": dict(p("prune.distill")), "file_bytes_full": dense_size}
+    finetune: list[dict] = []
+    if method == "unstructured":
+        from components.prune import magnitude_step, save_sparse, sparsity_schedule
+
+        include_fc = p("prune.include_fc")
+        before = sparsity_report(model, include_fc)
+        reached = 0.0
+        for target in sparsity_schedule(p("prune.sparsity"), p("prune.steps")):
+            magnitude_step(model, reached, target, scope=p("prune.scope"), include_fc=include_fc)
+            reached = target
+            finetune += _finetune(p, model, meta, teacher, p("prune.finetune_epochs"), f"sparsity {target:.2f}")
+        make_permanent(model)
+        after = sparsity_report(model, include_fc)
+        meta = dict(meta, pruning={"method": "magnitude_unstructured", "scope": p("prune.scope"),
+                                   "sparsity": p("prune.sparsity"), "steps": p("prune.steps"), "include_fc": include_fc})
+        edge_file = save_sparse(PRUNE_DIR / "model.npz", model, meta)
+        report.update(requested_sparsity=p("prune.sparsity"), measured_sparsity=after["target_sparsity_measured"],
+                      params=after["params"], nonzero_params_before=before["nonzero_params"],
+                      nonzero_params_after=after["nonzero_params"])
+        _say(f"prune: sparsity {after['target_sparsity_measured']:.3f} ({p('prune.scope')}, {p('prune.steps')} step(s)), "
+             f"non-zero params {before['nonzero_params']} -> {after['nonzero_params']}")
+    elif method == "structured":
+        from components.prune import save_structured, structured_prune
+
+        st = p("prune.structured")
+        example = torch.zeros(1, meta["in_chans"], meta["image_size"], meta["image_size"])
+        res = structured_prune(model, example, target=st["target"], ratio=st["ratio"], importance=st["importance"],
+                               global_pruning=st["global_pruning"], seed=p("seed"))
+        _say("prune: " + res.summary().replace("\n", "\n[resops] "))
+        model = model.to(memory_format=torch.channels_last)
+        finetune += _finetune(p, model, meta, teacher, p("prune.finetune_epochs"), f"structured {st['ratio']}")
+        edge_file = save_structured(PRUNE_DIR / "model.pt", model, meta, res)
+        report.update(structured=res.as_dict(), params=res.params_after, macs_before=res.macs_before,
+                      macs_after=res.macs_after)
+    elif method == "none":
+        edge_file = PRUNE_DIR / "model.pt"
+        shutil.copy2(TRAIN_MODEL, edge_file)
+    else:
+        raise ValueError(f"prune.method must be unstructured, structured or none, got {method!r}")
+    report.update(edge_file=edge_file.name, file_bytes_edge=edge_file.stat().st_size,
+                  size_ratio=edge_file.stat().st_size / dense_size, finetune=finetune)
+    q = p("prune.quantize")
+    if q["enabled"]:
+        from components.prune import export_onnx, quantize_onnx
+
+        edge_model, edge_meta = load_model(edge_file)  # exactly what was saved
+        onnx_float = export_onnx(edge_model, PRUNE_DIR / "model.onnx", edge_meta["image_size"], edge_meta["in_chans"])
+        calib = _batches(p, PREPARED / "shards", "train", None, edge_meta, 32)
+        qr = quantize_onnx(onnx_float, PRUNE_DIR / "model.int8.onnx", ({"image": b["image"].numpy()} for b in calib),
+                           per_channel=q["per_channel"], reduce_range=q["reduce_range"],
+                           max_images=q["calibration_images"])
+        report.update(onnx_file="model.onnx", int8_file="model.int8.onnx", file_bytes_onnx=qr.float_bytes,
+                      file_bytes_int8=qr.int8_bytes)
+        _say(f"prune: int8 ONNX {qr.float_bytes / 1e6:.1f} MB -> {qr.int8_bytes / 1e6:.1f} MB, calibrated on "
+             f"{q['calibration_images']} training images")
+    _write_json(PRUNE_DIR / "edge.json", report)
     _write_json(METRICS / "prune.json", report)
-    _say(f"prune: sparsity {after['target_sparsity_measured']:.3f}, non-zero params {before['nonzero_params']} -> "
-         f"{after['nonzero_params']}, file {dense_size / 1e6:.1f} MB -> {report['file_bytes_sparse'] / 1e6:.1f} MB")
+    _say(f"prune: edge model {edge_file} ({method}), file {dense_size / 1e6:.1f} MB -> "
+         f"{report['file_bytes_edge'] / 1e6:.1f} MB")
     return report
+
+
+def edge_files() -> dict[str, Path]:
+    """The prune stage's edge model files by role: ``edge`` (torch) and, when quantized, ``edge_int8``."""
+    info = json.loads((PRUNE_DIR / "edge.json").read_text())
+    files = {"edge": PRUNE_DIR / info["edge_file"]}
+    if info.get("int8_file"):
+        files["edge_int8"] = PRUNE_DIR / info["int8_file"]
+    return files
 
 
 def evaluate(p: Params) -> dict:
@@ -280,15 +359,33 @@ def evaluate(p: Params) -> dict:
     torch.set_num_threads(p("train.threads_per_worker"))
     results, pictures, details = {}, {}, {}
     REPORTS.mkdir(parents=True, exist_ok=True)
-    for name, path in (("full", TRAIN_MODEL), ("pruned", PRUNED_MODEL)):
-        model, meta = load_model(path)
-        y, proba = predict_dataset(model.to(memory_format=torch.channels_last),
-                                   _batches(p, PREPARED / "shards", "test", None, meta, p("evaluate.batch_size")))
+    edge = edge_files()
+    candidates = [("full", TRAIN_MODEL), ("pruned", edge["edge"])]
+    if "edge_int8" in edge:
+        candidates.append(("int8", edge["edge_int8"]))
+    _, meta = load_model(TRAIN_MODEL)
+    for name, path in candidates:
+        batches = _batches(p, PREPARED / "shards", "test", None, meta, p("evaluate.batch_size"))
+        if name == "int8":
+            from components.prune import OnnxClassifier
+
+            onnx = OnnxClassifier(path, threads=p("train.threads_per_worker"))
+            ys, ps = [], []
+            for b in batches:
+                ps.append(onnx.predict_proba(b["image"].numpy()))
+                ys.append(b["label"].numpy())
+            import numpy as np
+
+            y, proba = np.concatenate(ys), np.concatenate(ps)
+        else:
+            model, _ = load_model(path)
+            y, proba = predict_dataset(model.to(memory_format=torch.channels_last), batches)
         m = classification_metrics(y, proba, meta["class_names"])
         details[name] = m
         results[name] = {k: v for k, v in m.items() if k != "confusion_matrix"}
         PLOTS.mkdir(parents=True, exist_ok=True)
-        confusion_rows(y, proba.argmax(1), meta["class_names"]).to_csv(PLOTS / f"confusion_{name}.csv", index=False)
+        if name != "int8":
+            confusion_rows(y, proba.argmax(1), meta["class_names"]).to_csv(PLOTS / f"confusion_{name}.csv", index=False)
         confusion_png(m["confusion_matrix"], meta["class_names"], f"{name} model, test split", REPORTS / f"confusion_{name}.png")
         pictures[name] = f"confusion_{name}.png"
         _say(f"evaluate {name}: accuracy {m['accuracy']:.3f} (majority {m['majority_rate']:.3f}), balanced accuracy "
@@ -305,14 +402,16 @@ def promote(p: Params) -> dict:
 
     results = json.loads((METRICS / "evaluate.json").read_text())
     headline = {k: results["full"][k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "mcc", "majority_rate")}
-    headline["pruned"] = {k: results["pruned"][k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+    for edge in ("pruned", "int8"):
+        if edge in results:
+            headline[edge] = {k: results[edge][k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
     lineage = {
         "params": {k: p(k) for k in ("data", "augment", "rebalance", "model", "train", "prune")},
         "data_version": {"dvc_md5": dvc_out_hash("dvc.lock", PREPARED.as_posix()),
                          "manifest_digest": load_report(PREPARED)["data_digest"]},
         "git_revision": git_revision(),
     }
-    entry = register_candidate(REGISTRY, PROMOTED, {"full": TRAIN_MODEL, "edge": PRUNED_MODEL}, headline,
+    entry = register_candidate(REGISTRY, PROMOTED, {"full": TRAIN_MODEL, **edge_files()}, headline,
                                dict(p("promote.gates")), lineage)
     if entry["status"] == "promoted":
         _say(f"promote: {entry['version']} promoted (previous {entry['previous']}); weights in {PROMOTED}")

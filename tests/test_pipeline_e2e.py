@@ -95,7 +95,8 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     assert train["epochs_run"] == 3 and train["resumed_from_epoch"] == 0
     assert len((proj / "plots/train_history.csv").read_text().strip().splitlines()) == 1 + 3
     prune = json.loads((proj / "metrics/prune.json").read_text())
-    assert abs(prune["measured_sparsity"] - 0.5) < 0.01 and prune["file_bytes_sparse"] < prune["file_bytes_dense"]
+    assert abs(prune["measured_sparsity"] - 0.5) < 0.01 and prune["file_bytes_edge"] < prune["file_bytes_full"]
+    assert prune["method"] == "unstructured" and (proj / "models/prune/model.npz").exists()
     ev = json.loads((proj / "metrics/evaluate.json").read_text())
     for model in ("full", "pruned"):
         assert ev[model]["num_samples"] == report["num_prepared"] - sum(report["counts"]["train"].values()) \
@@ -106,6 +107,7 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     assert registry["promoted"] == entry["version"] and entry["status"] == "promoted"
     assert entry["data_version"]["dvc_md5"], "the data version (DVC hash of data/prepared) is recorded"
     assert (proj / "models/promoted/full.pt").exists() and (proj / "models/promoted/edge.npz").exists()
+    assert "pruned" in entry["metrics"]
     # `dvc metrics show` reads the declared metrics files.
     shown = _run(["dvc", "metrics", "show", "--json"], proj, env)
     assert "metrics/evaluate.json" in shown and "metrics/train.json" in shown
@@ -199,7 +201,7 @@ def test_every_model_variant_trains_through_dvc_exp_run(repro, variant):
     assert train["run_name"].startswith(f"train-{variant}-") and train["epochs_run"] == 1
     from components.models import load_model
 
-    for path in ("models/train/model.pt", "models/prune/model.npz"):
+    for path in ("models/train/model.pt", "models/prune/model.npz"):  # the default edge model: unstructured
         model, meta = load_model(proj / path)
         assert meta["model_name"] == variant and type(model).__name__ == "ResNet"
     ev = json.loads((proj / "metrics/evaluate.json").read_text())
@@ -230,3 +232,27 @@ def test_gan_strategy_runs_end_to_end(repro):
     ev = json.loads((proj / "metrics/evaluate.json").read_text())
     prepared = pd.read_parquet(proj / "data/prepared/manifest.parquet")
     assert ev["full"]["num_samples"] == int((prepared["split"] == "test").sum())
+
+
+def test_structured_int8_edge_model_with_distillation(repro):
+    """prune.method=structured with int8 quantization: the edge model has fewer MACs, is evaluated
+    as torch and as int8 ONNX, and is promoted next to the full model."""
+    proj, env, _ = repro
+    out = _run(["dvc", "exp", "run", "-S", "model.name=resnet18", "-S", "prune.method=structured",
+                "-S", "prune.structured.ratio=0.5", "-S", "prune.quantize.enabled=true",
+                "-S", "prune.quantize.calibration_images=32"], proj, env)
+    ran = [s for s in STAGES if f"Running stage '{s}'" in out]
+    assert ran[-3:] == ["prune", "evaluate", "promote"], out[-3000:]
+    prune = json.loads((proj / "metrics/prune.json").read_text())
+    assert prune["method"] == "structured" and prune["distill"]["enabled"]
+    assert abs(prune["macs_after"] / prune["macs_before"] - 0.5) < 0.05
+    assert prune["file_bytes_int8"] < prune["file_bytes_onnx"] / 3
+    ev = json.loads((proj / "metrics/evaluate.json").read_text())
+    assert set(ev) == {"full", "pruned", "int8"} and ev["int8"]["num_samples"] == ev["full"]["num_samples"]
+    from components.models import load_model
+
+    model, meta = load_model(proj / "models/prune/model.pt")
+    assert "structured" in meta and model.layer1[0].conv1.out_channels < 64
+    registry = json.loads((proj / "models/registry.json").read_text())
+    assert registry["entries"][-1]["status"] == "promoted"  # the tiny params switch every gate off
+    assert (proj / "models/promoted/edge.pt").exists() and (proj / "models/promoted/edge_int8.onnx").exists()

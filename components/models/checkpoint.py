@@ -54,13 +54,18 @@ def build_from_meta(meta: dict) -> nn.Module:
 def load_model(path: str | Path) -> tuple[nn.Module, dict]:
     """Rebuild the model a file describes and load its weights (``weights_only=True``).
 
-    ``.npz`` files are the sparse format written by the prune stage.
+    ``.npz`` files are the sparse format written by the prune stage; a ``.pt`` whose metadata has
+    ``structured`` is a channel-pruned model (:func:`components.prune.structured.load_structured`).
     """
     if Path(path).suffix == ".npz":
         from components.prune.unstructured import load_sparse  # late: prune builds on this module
 
         return load_sparse(path)
     payload = load_payload(path)
+    if "structured" in payload["meta"]:  # channel-pruned: layer shapes differ from the architecture's
+        from components.prune.structured import load_structured  # late: prune builds on this module
+
+        return load_structured(path)
     model = build_from_meta(payload["meta"])
     try:
         model.load_state_dict(payload["state_dict"])

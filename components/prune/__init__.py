@@ -7,8 +7,9 @@ files and should not pay for torch-pruning and ONNX Runtime.
 """
 from importlib import import_module
 
-from components.prune.unstructured import (apply_global_magnitude, load_sparse, make_permanent, prunable_parameters,
-                                           save_sparse, sparsity_report)
+from components.prune.unstructured import (apply_global_magnitude, apply_layerwise_magnitude, load_sparse,
+                                           magnitude_step, make_permanent, prunable_parameters, save_sparse,
+                                           sparsity_report, sparsity_schedule)
 
 _LAZY = {
     # structured pruning and its model file
@@ -22,7 +23,7 @@ _LAZY = {
     "DistillationLoss": "distill", "finetune_epoch": "distill", "recalibrate_batchnorm": "distill",
 }
 
-__all__ = ["apply_global_magnitude", "load_sparse", "make_permanent", "prunable_parameters", "save_sparse",
+__all__ = ["apply_global_magnitude", "apply_layerwise_magnitude", "magnitude_step", "sparsity_schedule", "load_sparse", "make_permanent", "prunable_parameters", "save_sparse",
            "sparsity_report", *_LAZY]
 
 

@@ -43,6 +43,39 @@ def apply_global_magnitude(model: nn.Module, sparsity: float, include_fc: bool =
                               amount=float(sparsity))
 
 
+def apply_layerwise_magnitude(model: nn.Module, sparsity: float, include_fc: bool = False) -> None:
+    """Zero the ``sparsity`` fraction of smallest-magnitude weights in *each* target layer."""
+    if not 0 <= sparsity < 1:
+        raise ValueError(f"prune.sparsity must be in [0, 1), got {sparsity}")
+    for module, name in prunable_parameters(model, include_fc):
+        prune.l1_unstructured(module, name, amount=float(sparsity))
+
+
+def magnitude_step(model: nn.Module, reached: float, target: float, *, scope: str = "global",
+                   include_fc: bool = False) -> None:
+    """One step of iterative pruning from sparsity ``reached`` to ``target`` (of the target weights).
+
+    torch's pruning containers apply ``amount`` to the weights still unpruned, so the step prunes
+    ``(target - reached) / (1 - reached)`` of what is left.
+    """
+    if not 0 <= reached <= target < 1:
+        raise ValueError(f"pruning step must go from a lower to a higher sparsity below 1, got {reached} -> {target}")
+    amount = (target - reached) / (1 - reached)
+    if scope == "global":
+        apply_global_magnitude(model, amount, include_fc=include_fc)
+    elif scope == "layer":
+        apply_layerwise_magnitude(model, amount, include_fc=include_fc)
+    else:
+        raise ValueError(f"prune.scope must be 'global' or 'layer', got {scope!r}")
+
+
+def sparsity_schedule(sparsity: float, steps: int) -> list[float]:
+    """Targets of iterative pruning: ``steps`` equal increments up to ``sparsity`` (one-shot when 1)."""
+    if steps < 1:
+        raise ValueError(f"prune.steps must be >= 1, got {steps}")
+    return [sparsity * (i + 1) / steps for i in range(steps)]
+
+
 def make_permanent(model: nn.Module) -> None:
     for module, name in prunable_parameters(model, include_fc=True):
         if prune.is_pruned(module) and hasattr(module, f"{name}_mask"):
