@@ -288,6 +288,7 @@ def prune(p: Params) -> dict:
         reached = 0.0
         for target in sparsity_schedule(p("prune.sparsity"), p("prune.steps")):
             magnitude_step(model, reached, target, scope=p("prune.scope"), include_fc=include_fc)
+            model = model.to(memory_format=torch.channels_last)
             reached = target
             finetune += _finetune(p, model, meta, teacher, p("prune.finetune_epochs"), f"sparsity {target:.2f}")
         make_permanent(model)

@@ -30,10 +30,10 @@ def tiny_data(tmp_path_factory):
     return root, res.report
 
 
-def _train_worker_pids() -> list[int]:
+def _train_worker_pids(address: str) -> list[int]:
     from ray.util.state import list_actors
 
-    actors = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return [a.pid for a in actors if a.pid]
 
 
@@ -66,7 +66,7 @@ def test_killed_worker_resumes_from_last_checkpoint(ray_address, tiny_data, monk
         time.sleep(0.2)
     assert first is not None, f"no checkpoint appeared: {result.get('error')}"
     assert not (first.parent / f"epoch_{EPOCHS:04d}").exists(), "training finished before the kill: make epochs longer"
-    pids = _train_worker_pids()
+    pids = _train_worker_pids(ray_address)
     assert pids, "no live Ray Train worker to kill"
     for pid in pids:
         os.kill(pid, signal.SIGKILL)

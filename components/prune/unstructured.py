@@ -61,6 +61,9 @@ def magnitude_step(model: nn.Module, reached: float, target: float, *, scope: st
     if not 0 <= reached <= target < 1:
         raise ValueError(f"pruning step must go from a lower to a higher sparsity below 1, got {reached} -> {target}")
     amount = (target - reached) / (1 - reached)
+    # torch's pruning flattens weights with .view(): channels_last weights must be made contiguous
+    # first (an iterative schedule prunes again after a channels_last fine-tune).
+    model.to(memory_format=torch.contiguous_format)
     if scope == "global":
         apply_global_magnitude(model, amount, include_fc=include_fc)
     elif scope == "layer":
