@@ -308,6 +308,8 @@ def main() -> None:
     comp.add_argument("--no-int8", action="store_true", help="skip the int8 rows")
     comp.add_argument("--importance", default="l1", help="structured: torch-pruning importance (params.yaml: l1)")
     comp.add_argument("--global-pruning", action="store_true", help="structured: rank channels across layers")
+    comp.add_argument("--round-to", type=int, default=None,
+                      help="structured: keep channel counts multiples of N (e.g. 8; default none, as the prune stage)")
     comp.add_argument("--calibration-images", type=int, default=256, help="int8: training images for calibration")
     comp.add_argument("--reduce-range", action="store_true", help="int8: 7-bit weights (x86 CPUs without VNNI)")
     comp.add_argument("--onnx-exporter", choices=("dynamo", "torchscript"), default="dynamo",
@@ -445,7 +447,8 @@ def main() -> None:
 
                     model, _ = load_model(full_path)
                     model = model.to(memory_format=torch.channels_last)
-                    magnitude_step(model, 0.0, s, scope="global", include_fc=False)
+                    magnitude_step(model, 0.0, s, scope="global", include_fc=False)  # leaves it contiguous
+                    model = model.to(memory_format=torch.channels_last)  # as the prune stage, for the fine-tune
                     hist = finetune(model, teacher, train_dir, meta, args, distill_main, f"unstructured {s}")
                     make_permanent(model)
                     rep = sparsity_report(model, include_fc=False)
@@ -471,7 +474,7 @@ def main() -> None:
                     pruned = pruned.to(memory_format=torch.channels_last)
                     t0 = time.perf_counter()
                     rep = structured_prune(pruned, example, target="macs", ratio=r, importance=args.importance,
-                                           global_pruning=args.global_pruning, seed=args.seed)
+                                           global_pruning=args.global_pruning, round_to=args.round_to, seed=args.seed)
                     prune_seconds = time.perf_counter() - t0
                     say(rep.summary())
                     pruned = pruned.to(memory_format=torch.channels_last)
@@ -540,6 +543,9 @@ def main() -> None:
             stop_ray()  # the cost measurement below runs with no Ray process of ours alive
 
         # ---------------------------------------------------------------------- CPU cost
+        if os.getloadavg()[0] > 1.0:
+            say(f"WARNING: load average {os.getloadavg()[0]:.2f} before the latency measurement: other work on this "
+                f"machine skews it (recorded per measurement in the JSON)")
         for row in rows:
             path = Path(row["file"])
             row["file_bytes"] = path.stat().st_size
@@ -589,8 +595,8 @@ def main() -> None:
                       *[f"{row['speedup_vs_full'][str(t)]:.2f}x" for t in threads],
                       *[f"{row['cpu'][str(t)]['throughput_images_per_second_median']:.0f}" for t in threads],
                       f"{row['test']['accuracy']:.3f}", f"{row['test']['macro_f1']:.3f}",
-                      "—" if row is full_row else f"{-100 * cost['accuracy']:+.1f}",
-                      "—" if row is full_row else f"{-cost['macro_f1']:+.3f}",
+                      "—" if row is full_row else f"{-100 * cost['accuracy'] + 0.0:+.1f}",  # + 0.0: no "-0.0"
+                      "—" if row is full_row else f"{-cost['macro_f1'] + 0.0:+.3f}",
                       {None: "—", True: "yes", False: "no"}[row.get("distilled")]])
     ft_desc = (f"{args.finetune_epochs} epoch(s)" + (f" of at most {args.finetune_max_steps} steps" if
                args.finetune_max_steps else "") + f" over the oversampled training set ({data['rows']} rows), AdamW lr "
@@ -626,7 +632,7 @@ def main() -> None:
             print(f"- {row['name']}: " + ", ".join(f"{row['speedup_vs_full'][str(t)]:.2f}x at {t} thread(s)"
                                                    for t in threads)
                   + f" (>= {SPEEDUP_GOAL:g}x at {', '.join(map(str, meets))} thread(s)); accuracy cost "
-                  f"{100 * cost['accuracy']:+.1f} pp, macro-F1 cost {cost['macro_f1']:+.3f}")
+                  f"{100 * cost['accuracy'] + 0.0:+.1f} pp, macro-F1 cost {cost['macro_f1'] + 0.0:+.3f}")
     if not accepted:
         print(f"- none of the structured / int8 rows reached {SPEEDUP_GOAL:g}x")
     if errors:
@@ -643,7 +649,8 @@ def main() -> None:
             "unstructured": {"sparsities": sparsities, "scope": "global", "steps": 1, "include_fc": False,
                              "method": "torch.nn.utils.prune L1Unstructured (global), masks kept during fine-tune"},
             "structured": {"ratios": ratios, "target": "macs", "importance": args.importance,
-                           "global_pruning": args.global_pruning, "distill_compare": args.distill_compare},
+                           "global_pruning": args.global_pruning, "round_to": args.round_to,
+                           "distill_compare": args.distill_compare},
             "int8": None if args.no_int8 else {
                 "of": ["full", f"structured {args.int8_ratio:g}" if args.int8_ratio else None],
                 "format": "qdq", "per_channel": True, "activation_type": "uint8", "weight_type": "int8",

@@ -140,6 +140,9 @@ def test_push_delete_pull_restores_prepared_data_byte_for_byte(repro):
     shutil.rmtree(proj / "data/prepared")
     _run(["dvc", "pull", "data/prepared"], proj, env)
     assert _digest(proj / "data/prepared") == before
+    # Everything else back in the cache too: an out missing from the cache makes DVC re-run its stage.
+    _run(["dvc", "pull"], proj, env)
+    assert "up to date" in _run(["dvc", "status"], proj, env)
 
 
 def _png(size: int = 32) -> bytes:
