@@ -154,7 +154,7 @@ def rebalanced_train_shards(train: pd.DataFrame, out: Path, num_classes: int, se
                             target_ratio: float = REBALANCE_DEFAULTS["target_ratio"]) -> dict:
     """The training rows resampled with ``rebalance_frame`` and written shuffled, as the rebalance stage does."""
     cols = [c for c in train.columns if c not in ("cell_type", "probability")]
-    res = rebalance_frame(train[cols], num_classes, sampler=sampler, target_ratio=target_ratio,
+    res = rebalance_frame(train[cols], num_classes, strategy=sampler, target_ratio=target_ratio,
                           class_weight=REBALANCE_DEFAULTS["class_weight"], seed=seed)
     write_shards(res.frame.sample(frac=1.0, random_state=seed), out, rows_per_shard=512)
     return {"dir": str(out), "sampler": sampler, "target_ratio": target_ratio, "seed": seed,

@@ -4,9 +4,9 @@
 ``components.rebalance.quality`` (offline Frechet distance / per-class accuracy check) import
 torch and Ray; import them explicitly where needed.
 """
-from components.rebalance.samplers import (CLASS_WEIGHTS, OVER_SAMPLERS, SAMPLERS, STRATEGIES, SYNTHETIC_SOURCES,
+from components.rebalance.samplers import (CLASS_WEIGHTS, OVER_SAMPLERS, STRATEGIES, SYNTHETIC_SOURCES,
                                            RebalanceResult, class_weights, parse_strategy, pixel_features,
                                            rebalance_frame, sampling_strategy)
 
-__all__ = ["CLASS_WEIGHTS", "OVER_SAMPLERS", "SAMPLERS", "STRATEGIES", "SYNTHETIC_SOURCES", "RebalanceResult",
+__all__ = ["CLASS_WEIGHTS", "OVER_SAMPLERS", "STRATEGIES", "SYNTHETIC_SOURCES", "RebalanceResult",
            "class_weights", "parse_strategy", "pixel_features", "rebalance_frame", "sampling_strategy"]

@@ -32,9 +32,8 @@ blend rather than land in impossible places. The price: interpolated images are 
 real ones (the downsampling caps their detail at ``smote_size``), so keep ``smote_size`` at or
 above the model's input size.
 
-Only rows with ``split == "train"`` are resampled. With ``strategy=`` every other row (val,
-test) passes through untouched, in its place; the legacy call (``sampler=``, no ``strategy``)
-keeps refusing frames holding any other split. Synthetic rows always get ``split="train"``.
+Only rows with ``split == "train"`` are resampled; every other row (val, test) passes through
+untouched, in its place. Synthetic rows always get ``split="train"``.
 """
 from __future__ import annotations
 
@@ -53,8 +52,6 @@ from sklearn.utils.class_weight import compute_class_weight
 
 from components.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
 
-# Index samplers accepted by the legacy ``sampler=`` argument (``params.yaml`` rebalance.sampler).
-SAMPLERS = ("none", "random_over", "random_under")
 # Everything ``strategy=`` accepts.
 STRATEGIES = ("none", "class_weight", "random_over", "random_under", "smote", "gan")
 OVER_SAMPLERS = ("random_over", "smote", "gan")
@@ -351,36 +348,12 @@ def _align(rows: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
-def _legacy(frame, num_classes, sampler, target_ratio, class_weight, seed) -> RebalanceResult:
-    if sampler not in SAMPLERS:
-        raise ValueError(f"rebalance.sampler must be one of {SAMPLERS}, got {sampler!r} "
-                         f"(smote, gan and combinations go through strategy=, one of {STRATEGIES})")
-    if "split" in frame and set(frame["split"].unique()) - {"train"}:
-        raise ValueError("only the training split may be resampled; got splits "
-                         f"{sorted(frame['split'].unique())} (strategy= passes other splits through)")
-    labels = frame["label"].to_numpy()
-    before = _counts(labels)
-    if sampler == "none":
-        out = frame.reset_index(drop=True)
-    else:
-        cls = RandomOverSampler if sampler == "random_over" else RandomUnderSampler
-        s = cls(sampling_strategy=sampling_strategy(before, sampler, target_ratio), random_state=seed)
-        s.fit_resample(np.arange(len(frame)).reshape(-1, 1), labels)
-        out = frame.iloc[np.sort(s.sample_indices_)].reset_index(drop=True)
-    after = _counts(out["label"])
-    weights = class_weights(out["label"].to_numpy(), num_classes, class_weight)
-    return RebalanceResult(out, before, after, weights, strategy=(sampler,))
-
-
-def rebalance_frame(frame: pd.DataFrame, num_classes: int, sampler: str = "none", target_ratio: TargetRatio = 1.0,
-                    class_weight: str = "none", seed: int = 42, *, strategy: str | Sequence[str] | None = None,
+def rebalance_frame(frame: pd.DataFrame, num_classes: int, strategy: str | Sequence[str] = "none",
+                    target_ratio: TargetRatio = 1.0, class_weight: str = "none", seed: int = 42, *,
                     generator: object = None, gan_size: int | None = None, smote_size: int = 32,
                     smote_k_neighbors: int = 5, in_chans: int = 1,
                     max_pixels: int = DEFAULT_MAX_PIXELS) -> RebalanceResult:
     """Rebalance the training rows of ``frame`` (columns image, label, split, ... as the shards).
-
-    Legacy call (no ``strategy``): ``sampler`` in :data:`SAMPLERS`, the frame must hold only
-    training rows (anything else raises), exactly the behaviour of the first version.
 
     ``strategy``: a name of :data:`STRATEGIES`, a ``"a+b"`` string or a list (see the module
     docstring for order and combination). Rows whose ``split`` is not ``"train"`` are kept
@@ -399,10 +372,6 @@ def rebalance_frame(frame: pd.DataFrame, num_classes: int, sampler: str = "none"
     ``split="train"``, ``source`` ``"smote"``/``"gan"`` and a JSON ``attrs`` (with
     ``generator_version`` for GAN rows).
     """
-    if strategy is None:
-        return _legacy(frame, num_classes, sampler, target_ratio, class_weight, seed)
-    if sampler != "none":
-        raise ValueError("give either sampler= (legacy) or strategy=, not both")
     steps = parse_strategy(strategy)
     over = [s for s in steps if s in OVER_SAMPLERS]
     if "gan" in steps and generator is None:
