@@ -186,3 +186,55 @@ def test_sparse_weights_that_do_not_fit_the_metadata_are_a_checkpoint_error(save
     with pytest.raises(CheckpointError) as info:
         load_sparse(bad)
     assert str(bad) in str(info.value)
+
+
+# ------------------------------------------------------------- layer-wise and iterative schedules
+def _conv_sparsities(model: nn.Module) -> list[float]:
+    return [float((m.weight == 0).float().mean()) for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def test_layerwise_magnitude_prunes_every_layer_to_the_target():
+    from components.prune import apply_layerwise_magnitude
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4, 1)
+    apply_layerwise_magnitude(model, 0.6)
+    make_permanent(model)
+    assert all(abs(s - 0.6) < 0.01 for s in _conv_sparsities(model)), _conv_sparsities(model)
+
+
+def test_global_pruning_spreads_sparsity_unevenly():
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4, 1)
+    apply_global_magnitude(model, 0.6)
+    make_permanent(model)
+    per_layer = _conv_sparsities(model)
+    assert max(per_layer) - min(per_layer) > 0.1  # one threshold: layers end at different sparsities
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_iterative_schedule_reaches_the_final_sparsity_and_keeps_earlier_zeros(scope):
+    from components.prune import magnitude_step, sparsity_schedule
+
+    torch.manual_seed(0)
+    model = create_model("resnet18", 4, 1).to(memory_format=torch.channels_last)  # as after a fine-tune
+    schedule = sparsity_schedule(0.75, 3)
+    assert schedule == pytest.approx([0.25, 0.5, 0.75])
+    reached, zeros_before = 0.0, None
+    for target in schedule:
+        magnitude_step(model, reached, target, scope=scope)
+        model = model.to(memory_format=torch.channels_last)
+        with torch.no_grad():  # a fine-tune between steps moves the surviving weights
+            for m in model.modules():
+                if isinstance(m, nn.Conv2d):
+                    m.weight_orig.add_(0.01)
+        zeros = [m.weight == 0 for m in model.modules() if isinstance(m, nn.Conv2d)]
+        if zeros_before is not None:  # pruned weights stay pruned
+            assert all(bool((z | ~zb).all()) for z, zb in zip(zeros, zeros_before))
+        zeros_before = zeros
+        assert sparsity_report(model)["target_sparsity_measured"] == pytest.approx(target, abs=0.01)
+        reached = target
+    with pytest.raises(ValueError, match="steps"):
+        sparsity_schedule(0.5, 0)
+    with pytest.raises(ValueError, match="scope"):
+        magnitude_step(model, 0.75, 0.8, scope="row")
