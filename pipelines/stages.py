@@ -407,7 +407,7 @@ def promote(p: Params) -> dict:
         if edge in results:
             headline[edge] = {k: results[edge][k] for k in ("accuracy", "balanced_accuracy", "macro_f1")}
     lineage = {
-        "params": {k: p(k) for k in ("data", "augment", "rebalance", "model", "train", "prune")},
+        "params": {k: p(k) for k in ("data", "augment", "rebalance", "gan", "model", "train", "prune")},
         "data_version": {"dvc_md5": dvc_out_hash("dvc.lock", PREPARED.as_posix()),
                          "manifest_digest": load_report(PREPARED)["data_digest"]},
         "git_revision": git_revision(),
