@@ -87,11 +87,11 @@ def ray_train(shards: Path, work: Path, image_size: int, batch_size: int, worker
                wandb={"mode": "disabled"}, run_name=f"bench-{workers}w-{time.time_ns()}")
     t0 = time.perf_counter()
     res = fit(cfg, shards, shards, work / "ckpt", work / f"model-{workers}.pt", num_workers=workers,
-              cpus_per_worker=round(1.5 / workers, 2), data_cpus=0.5, max_failures=0, online_policy="industrial")
+              cpus_per_worker=1.0 / workers, data_cpus=0.5, max_failures=0, online_policy="industrial")
     wall = time.perf_counter() - t0
     steady = res.history[-1]["images_per_second"]  # the last epoch: no start-up in it
     return {"images_per_second": steady, "wall_seconds": wall, "threads_per_worker": threads,
-            "cpus_per_worker": round(1.5 / workers, 2), "per_epoch": [h["images_per_second"] for h in res.history]}
+            "cpus_per_worker": 1.0 / workers, "per_epoch": [h["images_per_second"] for h in res.history]}
 
 
 def main() -> None:

@@ -30,7 +30,10 @@ def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | No
     """A Ray Dataset of decoded (and, with ``policy``, augmented) float tensors from Parquet shards."""
     import ray.data
 
-    ds = ray.data.read_parquet(shard_files(shards_dir), columns=["image", "label", "split"])
+    # Reads ask for the same CPU share as the map tasks: with the default of 1 CPU a read cannot be
+    # scheduled next to a training worker that holds more than half of a 2-core node (a hang).
+    ds = ray.data.read_parquet(shard_files(shards_dir), columns=["image", "label", "split"],
+                               ray_remote_args={"num_cpus": cpus_per_task})
     if split:
         ds = ds.filter(expr=f"split == '{split}'")
     return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_task,
