@@ -33,7 +33,7 @@ def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | No
     # Reads ask for the same CPU share as the map tasks: with the default of 1 CPU a read cannot be
     # scheduled next to a training worker that holds more than half of a 2-core node (a hang).
     ds = ray.data.read_parquet(shard_files(shards_dir), columns=["image", "label", "split"],
-                               ray_remote_args={"num_cpus": cpus_per_task})
+                               num_cpus=cpus_per_task)
     if split:
         ds = ds.filter(expr=f"split == '{split}'")
     return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_task,
@@ -41,10 +41,25 @@ def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | No
                                          seed=seed, max_pixels=max_pixels))
 
 
+# The code a trained model depends on: a change here is a new run, never a resumed old one.
+_TRAINING_CODE = ("train", "models", "augment")
+
+
+def training_code_digest() -> str:
+    """sha256 over the source files of the components training runs (train, models, augment)."""
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for package in _TRAINING_CODE:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def run_name(cfg: dict, data_digest: str) -> str:
-    """Stable name of a training run: same config and data -> same name -> resume on re-run."""
+    """Stable name of a training run: same config, data and training code -> same name -> a re-run
+    resumes it (after a crash: from its last checkpoint; when finished: returns its result)."""
     blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("wandb", "threads_per_worker")},
-                      sort_keys=True, default=str) + data_digest
+                      sort_keys=True, default=str) + data_digest + training_code_digest()
     return f"train-{cfg['model_name']}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
