@@ -10,24 +10,20 @@ KL is summed over classes and averaged over the batch (``reduction="batchmean"``
 mathematically correct KL). The teacher runs in eval mode under ``torch.no_grad()``: no graph
 is built through it, its batch-norm statistics do not move, and no gradient reaches it.
 
-:func:`components.train.loop.train_one_epoch` calls ``loss_fn(logits, y)`` without the images,
-and the teacher needs them; so :func:`finetune_epoch` here is the same epoch (same batches,
-channels_last, autocast, ``frozen`` and ``scaler`` handling, same returned counters) that calls
-``loss(logits, y, inputs=x)`` when the loss is a :class:`DistillationLoss` and ``loss(logits, y)``
-otherwise. A plain loss (``nn.CrossEntropyLoss``) also works, which makes it a drop-in for the
-prune stage's fine-tune.
+:func:`finetune_epoch` is :func:`components.train.loop.train_one_epoch` with the batch images
+handed to a :class:`DistillationLoss` (whose teacher needs them), plus the two loss terms summed;
+with a plain loss (``nn.CrossEntropyLoss``) it is ``train_one_epoch`` itself.
 """
 from __future__ import annotations
 
 import itertools
-import time
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from components.train.loop import autocast
+from components.train.loop import train_one_epoch
 
 
 class DistillationLoss:
@@ -135,34 +131,16 @@ def finetune_epoch(model: nn.Module, batches, optimizer, loss, device: torch.dev
     Returns ``train_one_epoch``'s counters (``samples``, ``loss_sum``, ``correct``, ``seconds``)
     plus, for a distillation loss, ``soft_loss_sum`` and ``base_loss_sum``.
     """
-    model.train()
-    distilling = isinstance(loss, DistillationLoss)
-    seen, loss_sum, correct, soft_sum, base_sum, t0 = 0, 0.0, 0, 0.0, 0.0, time.perf_counter()
-    for step, batch in enumerate(batches):
-        if max_steps is not None and step >= max_steps:
-            break
-        x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-        y = batch["label"].to(device, non_blocking=True)
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(device):
-            logits = model(x)
-            value = loss(logits, y, inputs=x) if distilling else loss(logits, y)
-        (scaler.scale(value) if scaler is not None else value).backward()
-        for param in frozen or ():
-            param.grad = None
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        n = len(y)
-        seen += n
-        loss_sum += float(value.detach()) * n
-        correct += int((logits.argmax(1) == y).sum())
-        if distilling:
-            soft_sum += loss.last["soft"] * n
-            base_sum += loss.last["base"] * n
-    result = {"samples": seen, "loss_sum": loss_sum, "correct": correct, "seconds": time.perf_counter() - t0}
-    if distilling:
-        result |= {"soft_loss_sum": soft_sum, "base_loss_sum": base_sum}
-    return result
+    if not isinstance(loss, DistillationLoss):
+        return train_one_epoch(model, batches, optimizer, loss, device, scaler, max_steps=max_steps, frozen=frozen)
+    sums = {"soft": 0.0, "base": 0.0}
+
+    def step_loss(logits: Tensor, y: Tensor, inputs: Tensor) -> Tensor:
+        value = loss(logits, y, inputs=inputs)
+        for term in sums:  # the two terms of this batch, weighted like train_one_epoch's loss_sum
+            sums[term] += loss.last[term] * len(y)
+        return value
+
+    result = train_one_epoch(model, batches, optimizer, step_loss, device, scaler, max_steps=max_steps,
+                             frozen=frozen, loss_takes_inputs=True)
+    return result | {"soft_loss_sum": sums["soft"], "base_loss_sum": sums["base"]}

@@ -35,8 +35,12 @@ def autocast(device: torch.device):
 
 
 def train_one_epoch(model: nn.Module, batches, optimizer, loss_fn, device: torch.device, scaler=None,
-                    max_steps: int | None = None, frozen: list[nn.Parameter] | None = None) -> dict:
+                    max_steps: int | None = None, frozen: list[nn.Parameter] | None = None,
+                    loss_takes_inputs: bool = False) -> dict:
     """One pass over ``batches`` (dicts with float ``image`` NCHW and int ``label``).
+
+    ``loss_takes_inputs``: call ``loss_fn(logits, y, inputs=x)`` (a distillation loss runs its
+    teacher on the batch) instead of ``loss_fn(logits, y)``.
 
     ``frozen`` parameters get no update: their gradients are dropped before the optimizer step
     (AdamW skips a parameter without a gradient). Dropping rather than ``requires_grad=False``
@@ -52,7 +56,7 @@ def train_one_epoch(model: nn.Module, batches, optimizer, loss_fn, device: torch
         optimizer.zero_grad(set_to_none=True)
         with autocast(device):
             logits = model(x)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits, y, inputs=x) if loss_takes_inputs else loss_fn(logits, y)
         (scaler.scale(loss) if scaler is not None else loss).backward()
         for param in frozen or ():
             param.grad = None
