@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import shutil
@@ -64,6 +63,7 @@ import torch  # noqa: E402
 from components.evaluate import classification_metrics  # noqa: E402
 from components.models import count_parameters, list_models, load_model  # noqa: E402
 from components.train import image_dataset  # noqa: E402
+from components.registry import file_sha256  # noqa: E402
 
 PIPELINE_MODEL = ROOT / "models" / "train" / "model.pt"
 PIPELINE_PREPARED_REPORT = ROOT / "data" / "prepared" / "report.json"
@@ -82,14 +82,6 @@ def parse_floats(text: str, what: str, lo: float = 0.0, hi: float = 1.0) -> list
     if bad:
         raise ValueError(f"{what}: values must be in ({lo}, {hi}), got {bad}")
     return values
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cpu_info() -> dict:
@@ -428,7 +420,7 @@ def main() -> None:
                                 "seen test images in training")
                 full_path = Path(shutil.copy2(full_path, run_dir / "full.pt"))
             full_model, meta = load_model(full_path)
-            full_info.update(path=str(full_path), sha256=sha256_file(full_path), meta=meta)
+            full_info.update(path=str(full_path), sha256=file_sha256(full_path), meta=meta)
             image_size, in_chans = meta["image_size"], meta["in_chans"]
             example = torch.zeros(1, in_chans, image_size, image_size)
             teacher = full_model.eval().to(memory_format=torch.channels_last)

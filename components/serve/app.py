@@ -30,7 +30,6 @@ Placement: the classifier asks for ``num_cpus`` and, only when ``resources`` is 
 resources (e.g. ``{"cloud": 0.01}``), so on a plain local Ray it needs nothing special.
 """
 import asyncio
-import hashlib
 import io
 import signal
 import threading
@@ -50,6 +49,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.data.images import ImageDecodeError
+from components.registry import file_sha256
 from components.serve.schema import PREDICT_ERRORS, ErrorResponse, HealthResponse, ModelInfo, PredictResponse
 
 UNDECODABLE, TOO_LARGE = "undecodable", "too_large"
@@ -81,14 +81,6 @@ def check_pixel_count(data: bytes, max_pixels: int) -> None:
     if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
         raise ImageTooLargeError(f"image has {w}x{h}={w * h} pixels, above PIL's decompression-bomb "
                                  f"limit of {Image.MAX_IMAGE_PIXELS}")
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_model_info(model_path: str) -> dict:
