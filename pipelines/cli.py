@@ -24,34 +24,58 @@ def cmd_run(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from components.registry import load_registry
-    from components.serve.app import run
+    """Deploy the generated Serve config (models/serve/serve_config.yaml) on Ray and serve until Ctrl-C."""
+    import signal
+    import threading
+    import time
+
+    from components.serve.config import deploy_config, load_serve_config
     from pipelines.runtime import init_ray
 
     params = _params(args)
-    model = Path(args.model) if args.model else Path("models/promoted/full.pt")
-    version = args.version
-    if version is None:
-        registry = load_registry("models/registry.json")
-        version = registry.get("promoted") or "unpromoted"
-    if not model.exists():
-        print(f"resops serve: no model at {model}. Run `dvc repro` (promote stage) first or pass --model.", file=sys.stderr)
-        return 2
+    config = load_serve_config(args.config)
+    host = args.host or params("serve.host")
+    port = args.port or params("serve.port")
+    overrides = {"default_mode": args.mode} if args.mode else None
     init_ray(params)
-    run(str(model), host=args.host or params("serve.host"), port=args.port or params("serve.port"),
-        blocking=True, model_version=version, num_replicas=params("serve.num_replicas"),
-        max_batch_size=params("serve.max_batch_size"), batch_wait_timeout_s=params("serve.batch_wait_timeout_s"),
-        threads=params("serve.threads"), max_body_bytes=params("serve.max_body_bytes"),
-        max_image_pixels=params("serve.max_image_pixels"))
+    from ray import serve
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, Kubernetes) stops like Ctrl-C
+        def _stop(signum, frame):
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, _stop)
+    try:
+        deploy_config(config, base_dir=Path.cwd(), host=host, port=port, overrides=overrides)
+        app = config["applications"][0]
+        mode = args.mode or app["args"].get("default_mode")
+        print(f"Serving {app['args'].get('model_version')} on http://{host}:{port}/ (default mode {mode}, "
+              f"cascade threshold {app['args'].get('threshold'):.3f}; OpenAPI docs at /docs). Ctrl-C stops.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        serve.shutdown()
     return 0
 
 
 def cmd_predict(args) -> int:
+    import os
+
     import httpx
 
     data = Path(args.file).read_bytes()
-    r = httpx.post(args.url.rstrip("/") + "/predict", content=data,
-                   headers={"content-type": "application/octet-stream"}, timeout=args.timeout)
+    headers = {"content-type": "application/octet-stream"}
+    token = os.environ.get(args.token_env) if args.token_env else None
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    query = {k: v for k, v in (("mode", args.mode), ("threshold", args.threshold)) if v is not None}
+    r = httpx.post(args.url.rstrip("/") + "/predict", content=data, params=query, headers=headers,
+                   timeout=args.timeout)
     print(json.dumps(r.json(), indent=2))
     return 0 if r.status_code == 200 else 1
 
@@ -69,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("stage", choices=[*STAGES, "all"])
     r.set_defaults(func=cmd_run)
 
-    s = sub.add_parser("serve", help="serve the promoted model with Ray Serve (127.0.0.1 by default)")
-    s.add_argument("--model", help="model file (default: models/promoted/full.pt)")
-    s.add_argument("--version", help="version label (default: the registry's promoted version)")
+    s = sub.add_parser("serve", help="serve the promoted models (edge + cloud tiers) with Ray Serve (127.0.0.1 by default)")
+    s.add_argument("--config", default="models/serve/serve_config.yaml",
+                   help="Serve config written by the calibrate stage (default: models/serve/serve_config.yaml)")
+    s.add_argument("--mode", choices=["edge", "cloud", "cascade"], help="default routing mode (default: serve.default_mode)")
     s.add_argument("--host")
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_serve)
@@ -79,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     pr = sub.add_parser("predict", help="send an image to a running resops server and print the answer")
     pr.add_argument("file")
     pr.add_argument("--url", default="http://127.0.0.1:8000")
+    pr.add_argument("--mode", choices=["edge", "cloud", "cascade"], help="routing mode (default: the server's)")
+    pr.add_argument("--threshold", type=float, help="cascade escalation threshold (default: the calibrated one)")
+    pr.add_argument("--token-env", default="RESOPS_API_TOKEN",
+                    help="environment variable holding the bearer token, if the server needs one")
     pr.add_argument("--timeout", type=float, default=30.0)
     pr.set_defaults(func=cmd_predict)
 

@@ -27,6 +27,7 @@ PROMOTED = Path("models/promoted")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 REPORTS = Path("reports/evaluation")
+SERVE_DIR = Path("models/serve")
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -422,4 +423,92 @@ def promote(p: Params) -> dict:
     return entry
 
 
-STAGES = {f.__name__: f for f in (ingest, prepare, augment, gan, rebalance, train, prune, evaluate, promote)}
+def _split_logits(p: Params, split: str, cloud_path: Path, edge_path: Path, edge_onnx: Path | None):
+    """Logits of the cloud (full) and edge tier models on a split, exactly as the tiers compute them."""
+    import numpy as np
+    import torch
+
+    from components.models import load_model
+
+    cloud, meta = load_model(cloud_path)
+    edge, _ = load_model(edge_path)
+    cloud, edge = (m.eval().to(memory_format=torch.channels_last) for m in (cloud, edge))
+    onnx = None
+    if edge_onnx is not None:
+        from components.prune import OnnxClassifier
+
+        onnx = OnnxClassifier(edge_onnx, threads=p("train.threads_per_worker"))
+    out = {"cloud": [], "edge": [], "labels": []}
+    with torch.inference_mode():
+        for b in _batches(p, PREPARED / "shards", split, None, meta, p("evaluate.batch_size")):
+            x = b["image"].contiguous(memory_format=torch.channels_last)
+            out["cloud"].append(cloud(x).float().numpy())
+            out["edge"].append(onnx.logits(b["image"].numpy()) if onnx is not None else edge(x).float().numpy())
+            out["labels"].append(b["label"].numpy())
+    return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def calibrate(p: Params) -> dict:
+    """Calibrate the cascade of the promoted models on the validation split and write the Serve config.
+
+    Temperature scaling per tier (expected calibration error before and after), then the escalation
+    threshold that meets ``serve.cascade.target`` on the validation split; the same cascade is then
+    simulated on the test split (accuracy, share answered at the edge) as an offline check of what
+    the served app should do. Writes ``models/serve/calibration.json`` and
+    ``models/serve/serve_config.yaml`` (what ``resops serve`` and the RayService deploy).
+    """
+    import numpy as np
+    import torch
+
+    from components.evaluate.calibration import calibrate_cascade, expected_calibration_error, softmax
+    from components.serve.config import build_serve_config, serve_args, write_serve_config
+
+    torch.set_num_threads(p("train.threads_per_worker"))
+    c = p("serve.cascade")
+    files = json.loads((PROMOTED / "model.json").read_text())["files"]
+    edge_model = Path(files.get("edge", files["full"]))
+    use_onnx = p("serve.edge.backend") in ("auto", "onnx") and "edge_int8" in files
+    edge_onnx = Path(files["edge_int8"]) if use_onnx else None
+    val = _split_logits(p, "val", Path(files["full"]), edge_model, edge_onnx)
+    cal = calibrate_cascade(val["edge"], val["cloud"], val["labels"], target=c["target"], value=c["value"],
+                            temperature_scaling=c["temperature_scaling"], n_bins=c["ece_bins"])
+    cal["edge_backend"] = "onnxruntime (int8)" if use_onnx else "torch"
+    args = serve_args(p, PROMOTED, calibration=cal)
+    threshold = args["threshold"]
+    # The same rule on the test split: what the served cascade should reach on unseen images.
+    test = _split_logits(p, "test", Path(files["full"]), edge_model, edge_onnx)
+    pe = softmax(test["edge"], cal["edge"]["temperature"])
+    pc = softmax(test["cloud"], cal["cloud"]["temperature"])
+    y = test["labels"]
+    escalate = pe.max(1) < threshold
+    pred = np.where(escalate, pc.argmax(1), pe.argmax(1))
+    cal["test"] = {"n": int(len(y)), "threshold": float(threshold), "escalation_rate": float(escalate.mean()),
+                   "cascade_accuracy": float((pred == y).mean()), "edge_accuracy": float((pe.argmax(1) == y).mean()),
+                   "cloud_accuracy": float((pc.argmax(1) == y).mean()),
+                   "edge_ece": float(expected_calibration_error(pe, y, c["ece_bins"])),
+                   "cloud_ece": float(expected_calibration_error(pc, y, c["ece_bins"]))}
+    args["calibration"] = cal
+    config = build_serve_config(args, host=p("serve.host"), port=p("serve.port"))
+    if SERVE_DIR.exists():
+        shutil.rmtree(SERVE_DIR)
+    _write_json(SERVE_DIR / "calibration.json", cal)
+    write_serve_config(SERVE_DIR / "serve_config.yaml", config)
+    metrics = {"threshold": float(threshold), "target": c["target"], "target_value": c["value"],
+               "edge_temperature": cal["edge"]["temperature"], "cloud_temperature": cal["cloud"]["temperature"],
+               "edge_ece_before": cal["edge"]["ece_before"], "edge_ece_after": cal["edge"]["ece_after"],
+               "cloud_ece_before": cal["cloud"]["ece_before"], "cloud_ece_after": cal["cloud"]["ece_after"],
+               "val_escalation_rate": cal["threshold"]["escalation_rate"],
+               "val_cascade_accuracy": cal["threshold"]["cascade_accuracy"],
+               "val_cloud_accuracy": cal["threshold"]["cloud_accuracy"], **{f"test_{k}": v for k, v in cal["test"].items()
+                                                                           if k not in ("n", "threshold")}}
+    _write_json(METRICS / "serve.json", metrics)
+    _say(f"calibrate: edge T={cal['edge']['temperature']:.2f} (ECE {cal['edge']['ece_before']:.3f} -> "
+         f"{cal['edge']['ece_after']:.3f}), cloud T={cal['cloud']['temperature']:.2f}; threshold {threshold:.3f} "
+         f"({c['target']} {c['value']}): val escalation {cal['threshold']['escalation_rate']:.2f}; test cascade "
+         f"accuracy {cal['test']['cascade_accuracy']:.3f} vs cloud {cal['test']['cloud_accuracy']:.3f}, "
+         f"{1 - cal['test']['escalation_rate']:.0%} answered at the edge")
+    return metrics
+
+
+STAGES = {f.__name__: f for f in (ingest, prepare, augment, gan, rebalance, train, prune, evaluate, promote,
+                                  calibrate)}

@@ -1,8 +1,8 @@
-"""The Serve app end to end: real Ray, a real model file, real HTTP through Serve's proxy."""
+"""The cloud-edge Serve app end to end: real Ray, real model files (the edge one int8 ONNX), deployed from
+a generated Serve config exactly as `resops serve` and the RayService do, real HTTP through Serve's proxy."""
 from __future__ import annotations
 
-import logging
-import socket
+import base64
 import struct
 import time
 import zlib
@@ -11,38 +11,35 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-import ray
+import torch
+import yaml
 from ray import serve
 
 from components.augment.operator import AugmentOperator
 from components.data.images import encode_png
-from components.models import CheckpointError, create_model, load_model, predict_proba, save_model
-from components.serve.app import build_app, deploy, run
+from components.evaluate.calibration import softmax
+from components.models import CheckpointError, create_model, load_model, save_model
+from components.prune import OnnxClassifier, export_onnx, quantize_onnx
+from components.serve.app import build_app
+from components.serve.config import (IMPORT_PATH, build_serve_config, deploy_config, load_serve_config,
+                                     write_serve_config)
+from conftest import free_port
 
-CLASSES = ["ok", "crack"]
+CLASSES = ["ok", "crack", "finger"]
 VERSION = "v-test-7"
 MAX_BODY = 300_000
 MAX_PIXELS = 1_000_000
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+TEMPS = {"edge": 0.5, "cloud": 2.0}
+TOKEN = "s3cret-token"
 
 
 def _png(seed: int, shape=(48, 40)) -> bytes:
     return encode_png(np.random.default_rng(seed).integers(0, 256, size=shape, dtype=np.uint8))
 
 
-def _local_probs(model_path, images: list[bytes]) -> np.ndarray:
-    """What training's validation path computes for these images, in this process."""
-    model, meta = load_model(model_path)
-    op = AugmentOperator(policy=None, output="tensor", image_size=meta["image_size"], in_chans=meta["in_chans"])
-    batch = op({"image": np.array(images, dtype=object), "label": np.zeros(len(images), dtype=np.int64)})
-    import torch
-
-    return predict_proba(model, torch.from_numpy(batch["image"])).numpy()
+def _tensors(images: list[bytes], image_size: int = 32) -> np.ndarray:
+    op = AugmentOperator(policy=None, output="tensor", image_size=image_size, in_chans=1)
+    return op({"image": np.array(images, dtype=object), "label": np.zeros(len(images), dtype=np.int64)})["image"]
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -55,30 +52,48 @@ def _png_header_only(width: int, height: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def model_path(tmp_path_factory):
-    model = create_model("resnet18", num_classes=2, in_chans=1)
-    path = tmp_path_factory.mktemp("serve") / "full.pt"
-    save_model(path, model, {"model_name": "resnet18", "num_classes": 2, "in_chans": 1, "image_size": 32,
-                             "class_names": CLASSES})
-    return str(path)
+def files(tmp_path_factory):
+    """A full (cloud) model, a different edge model and its int8 ONNX export, like models/promoted/."""
+    root = tmp_path_factory.mktemp("promoted")
+    meta = {"model_name": "resnet18", "num_classes": 3, "in_chans": 1, "image_size": 32, "class_names": CLASSES}
+    torch.manual_seed(0)
+    save_model(root / "full.pt", create_model("resnet18", num_classes=3, in_chans=1), meta)
+    torch.manual_seed(1)
+    edge = create_model("resnet18", num_classes=3, in_chans=1).eval()
+    save_model(root / "edge.pt", edge, meta)
+    export_onnx(edge, root / "edge.onnx", 32, 1)
+    calib = _tensors([_png(900 + i) for i in range(16)])
+    quantize_onnx(root / "edge.onnx", root / "edge_int8.onnx", [calib], max_images=16)
+    return root
+
+
+def _args(files, **extra) -> dict:
+    return {"cloud_model": "full.pt", "edge_model": "edge.pt", "edge_onnx": "edge_int8.onnx",
+            "model_version": VERSION, "temperatures": dict(TEMPS), "threshold": 0.4, "default_mode": "cascade",
+            "max_body_bytes": MAX_BODY, "max_image_pixels": MAX_PIXELS, "min_image_side": 8, "max_batch_images": 16,
+            "edge": {"num_replicas": 2, "max_batch_size": 4, "batch_wait_timeout_s": 0.01, "threads": 1,
+                     "num_cpus": 0.1, "resources": {"edge": 0.01}},
+            "cloud": {"num_replicas": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "threads": 1,
+                      "num_cpus": 0.2, "resources": {"cloud": 0.01}},
+            "router": {"num_cpus": 0.05}, "base_dir": str(files), **extra}
 
 
 @pytest.fixture(scope="module")
-def server(model_path):
-    """Ray (reused if a session fixture already started it), Serve on a free loopback port, the app."""
-    started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(num_cpus=2, resources={"cloud": 1}, include_dashboard=False, _node_ip_address="127.0.0.1",
-                 logging_level=logging.WARNING)
-    else:
-        serve.shutdown()  # a Serve left by an earlier module would keep its own HTTP port
-    port = _free_port()
-    run(model_path, host="127.0.0.1", port=port, blocking=False, model_version=VERSION, max_body_bytes=MAX_BODY,
-        max_image_pixels=MAX_PIXELS, max_batch_size=4, batch_wait_timeout_s=0.02, threads=1)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, timeout=30.0) as client:
+def server(ray_address, files, tmp_path_factory):
+    """The app deployed from a written-then-read Serve config on a free loopback port."""
+    import ray
+
+    serve.shutdown()  # a Serve left by an earlier module would keep its own HTTP port
+    port = free_port()
+    path = write_serve_config(tmp_path_factory.mktemp("cfg") / "serve_config.yaml",
+                              build_serve_config(_args(files), host="127.0.0.1", port=port))
+    before = ray.available_resources()
+    config = load_serve_config(path)
+    deploy_config(config, base_dir=files)
+    used = {r: before.get(r, 0.0) - ray.available_resources().get(r, 0.0) for r in ("edge", "cloud")}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
         deadline = time.monotonic() + 60
-        while True:  # serve.run returns once replicas are up; the proxy may need a moment longer
+        while True:  # the app runs; the proxy may need a moment longer to route to it
             try:
                 if client.get("/healthz").status_code == 200:
                     break
@@ -86,64 +101,157 @@ def server(model_path):
                 pass
             assert time.monotonic() < deadline, "serve app did not answer /healthz within 60 s"
             time.sleep(0.2)
+        client.resources_used = used
+        client.port, client.config = port, config
         yield client
     serve.shutdown()
-    if started_ray:
-        ray.shutdown()
 
 
+def _local_probs(files, images: list[bytes]) -> dict[str, np.ndarray]:
+    """What each tier should answer, computed in this process: torch full model, ORT int8 edge model."""
+    x = _tensors(images)
+    model, _ = load_model(files / "full.pt")
+    with torch.inference_mode():
+        cloud = softmax(model(torch.from_numpy(x)).numpy(), TEMPS["cloud"])
+    edge = softmax(OnnxClassifier(files / "edge_int8.onnx").logits(x), TEMPS["edge"])
+    return {"edge": edge, "cloud": cloud}
+
+
+def _probs(answer: dict) -> np.ndarray:
+    return np.array([answer["probabilities"][c] for c in CLASSES])
+
+
+# ---------------------------------------------------------------------------- the config file
+def test_generated_config_is_what_serve_deploys(files):
+    config = build_serve_config(_args(files), port=8123)
+    from ray.serve.schema import ServeDeploySchema
+
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    assert app["import_path"] == IMPORT_PATH and config["http_options"] == {"host": "127.0.0.1", "port": 8123}
+    module, attr = IMPORT_PATH.split(":")
+    assert callable(getattr(__import__(module, fromlist=[attr]), attr))
+    deps = {d["name"]: d for d in app["deployments"]}
+    assert set(deps) == {"Router", "EdgeClassifier", "CloudClassifier"}
+    assert deps["EdgeClassifier"]["ray_actor_options"]["resources"] == {"edge": 0.01}
+    assert deps["CloudClassifier"]["ray_actor_options"]["resources"] == {"cloud": 0.01}
+    assert deps["EdgeClassifier"]["num_replicas"] == 2
+    assert deps["CloudClassifier"]["max_ongoing_requests"] >= 8  # >= max_batch_size: batches can fill
+    auto = build_serve_config(_args(files, cloud={**_args(files)["cloud"], "autoscaling_config": {
+        "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}}))
+    cloud = {d["name"]: d for d in auto["applications"][0]["deployments"]}["CloudClassifier"]
+    assert cloud["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in cloud
+    with pytest.raises(ValueError, match="max_ongoing_requests"):
+        build_serve_config(_args(files, cloud={**_args(files)["cloud"], "max_ongoing_requests": 2}))
+
+
+def test_missing_model_file_fails_when_building(files):
+    with pytest.raises(CheckpointError, match="missing.pt does not exist"):
+        build_app("missing.pt", base_dir=str(files))
+    with pytest.raises(CheckpointError, match="nope.onnx does not exist"):
+        build_app("full.pt", "edge.pt", edge_onnx="nope.onnx", base_dir=str(files))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        build_app("full.pt", base_dir=str(files), default_mode="fastest")
+
+
+def test_invalid_config_file_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"applications": [{"name": "x"}]}))
+    with pytest.raises(ValueError, match="bad.yaml is not a valid Serve deploy config"):
+        load_serve_config(bad)
+    with pytest.raises(FileNotFoundError, match="calibrate stage"):
+        load_serve_config(tmp_path / "absent.yaml")
+
+
+# ---------------------------------------------------------------------------- serving
 def test_healthz_models_and_docs(server):
     h = server.get("/healthz")
     assert h.status_code == 200
-    assert h.json() == {"status": "ok", "model_version": VERSION, "model_name": "resnet18"}
+    assert h.json() == {"status": "ok", "default_mode": "cascade", "model_versions": {"edge": VERSION, "cloud": VERSION}}
     m = server.get("/models").json()
-    assert m == {"model_name": "resnet18", "model_version": VERSION, "class_names": CLASSES, "num_classes": 2,
-                 "image_size": 32, "in_chans": 1}
+    assert m["default_mode"] == "cascade" and m["threshold"] == 0.4
+    assert m["edge"]["backend"] == "onnxruntime" and set(m["edge"]["files"]) == {"edge.pt", "edge_int8.onnx"}
+    assert m["cloud"]["backend"] == "torch" and set(m["cloud"]["files"]) == {"full.pt"}
+    assert m["edge"]["temperature"] == TEMPS["edge"] and m["cloud"]["class_names"] == CLASSES
     spec = server.get("/openapi.json").json()
-    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]
-    assert "multipart/form-data" in body and "application/octet-stream" in body
-    assert {"400", "413", "415", "422"} <= set(spec["paths"]["/predict"]["post"]["responses"])
+    post = spec["paths"]["/predict"]["post"]
+    assert {"multipart/form-data", "application/octet-stream", "application/json"} <= set(post["requestBody"]["content"])
+    assert {"400", "401", "413", "415", "422"} <= set(post["responses"])
+    assert {p["name"] for p in post["parameters"]} == {"mode", "threshold"}
     assert server.get("/docs").status_code == 200
 
 
-def test_predict_raw_and_multipart_match_local_forward(server, model_path):
+def test_tiers_hold_their_custom_resources(server):
+    """Two edge replicas hold 0.01 `edge` each, the cloud replica 0.01 `cloud`: on a cluster they land on
+    the worker groups that carry those resources."""
+    assert server.resources_used["edge"] == pytest.approx(0.02, abs=1e-6)
+    assert server.resources_used["cloud"] == pytest.approx(0.01, abs=1e-6)
+
+
+def test_each_mode_answers_with_the_right_tier(server, files):
     img = _png(1)
-    raw = server.post("/predict", content=img, headers={"content-type": "image/png"})
-    assert raw.status_code == 200, raw.text
-    r = raw.json()
-    assert set(r) == {"label", "label_index", "probabilities", "model_version", "model_name", "latency_ms"}
-    assert list(r["probabilities"]) == CLASSES
-    assert sum(r["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
-    assert r["label"] in CLASSES and r["label"] == CLASSES[r["label_index"]]
-    assert r["label"] == max(r["probabilities"], key=r["probabilities"].get)
-    assert r["model_version"] == VERSION and r["model_name"] == "resnet18" and r["latency_ms"] > 0
+    expected = _local_probs(files, [img])
+    edge = server.post("/predict", params={"mode": "edge"}, content=img, headers={"content-type": "image/png"})
+    assert edge.status_code == 200, edge.text
+    e = edge.json()
+    assert e["tier"] == "edge" and e["mode"] == "edge" and not e["escalated"] and e["threshold"] is None
+    assert set(e["model_versions"]) == {"edge"} and set(e["latency_ms"]) == {"edge", "total"}
+    np.testing.assert_allclose(_probs(e), expected["edge"][0], atol=1e-4)
+    assert e["edge_confidence"] == pytest.approx(expected["edge"][0].max(), abs=1e-4)
+    assert e["label"] == CLASSES[e["label_index"]] == CLASSES[int(np.argmax(expected["edge"][0]))]
 
-    octet = server.post("/predict", content=img, headers={"content-type": "application/octet-stream"}).json()
-    multi = server.post("/predict", files={"file": ("part.png", img, "image/png")})
-    assert multi.status_code == 200, multi.text
-    expected = _local_probs(model_path, [img])[0]
-    for answer in (r, octet, multi.json()):
-        np.testing.assert_allclose([answer["probabilities"][c] for c in CLASSES], expected, atol=1e-5)
-        assert answer["label_index"] == int(np.argmax(expected))
+    cloud = server.post("/predict", params={"mode": "cloud"}, files={"file": ("a.png", img, "image/png")}).json()
+    assert cloud["tier"] == "cloud" and cloud["edge_confidence"] is None and set(cloud["model_versions"]) == {"cloud"}
+    np.testing.assert_allclose(_probs(cloud), expected["cloud"][0], atol=1e-5)
+    assert sum(cloud["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+    cascade = server.post("/predict", content=img).json()  # the default mode
+    assert cascade["mode"] == "cascade" and cascade["threshold"] == 0.4
+    assert cascade["escalated"] == (cascade["edge_confidence"] < 0.4)
+    assert cascade["tier"] == ("cloud" if cascade["escalated"] else "edge")
 
 
-def test_concurrent_requests_are_batched_without_mixing_answers(server, model_path):
-    images = [_png(100 + i, shape=(32 + i, 36)) for i in range(12)]
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(lambda b: server.post("/predict", content=b), images))
+def test_cascade_escalates_exactly_the_inputs_below_the_threshold(server, files):
+    images = [_png(200 + i, shape=(40 + i, 44)) for i in range(16)]
+    conf = _local_probs(files, images)["edge"].max(1)
+    middle = float(np.median(conf))
+    for threshold, expect in ((0.0, np.zeros(16, bool)), (1.0, np.ones(16, bool)), (middle, conf < middle)):
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda b: server.post("/predict", content=b, params={
+                "mode": "cascade", "threshold": threshold}).json(), images))
+        escalated = np.array([a["escalated"] for a in answers])
+        got_conf = np.array([a["edge_confidence"] for a in answers])
+        np.testing.assert_allclose(got_conf, conf, atol=1e-4)
+        assert (escalated == (got_conf < threshold)).all()
+        assert (escalated == expect).all(), (threshold, escalated, expect)
+        assert all(a["tier"] == ("cloud" if x else "edge") for a, x in zip(answers, escalated))
+        assert all(("cloud" in a["latency_ms"]) == x for a, x in zip(answers, escalated))
+    assert 0 < (conf < middle).sum() < 16  # the middle threshold splits the set
+
+
+def test_json_batch_matches_single_requests_and_is_batched(server, files):
+    images = [_png(300 + i) for i in range(8)]
+    encoded = [base64.b64encode(b).decode() for b in images]
+    encoded[3] = "data:image/png;base64," + encoded[3]
+    r = server.post("/predict", json={"images": encoded, "mode": "cloud"})
+    assert r.status_code == 200, r.text
+    preds = r.json()["predictions"]
+    assert len(preds) == 8 and all(p["tier"] == "cloud" for p in preds)
+    np.testing.assert_allclose(np.array([_probs(p) for p in preds]), _local_probs(files, images)["cloud"], atol=1e-5)
+    # The router sends the 8 images to the cloud tier at once: they share forward passes (max_batch_size 8).
+    assert max(p["batch_size"]["cloud"] for p in preds) > 1, [p["batch_size"] for p in preds]
+    before = serve.get_deployment_handle("CloudClassifier", app_name="resops").stats.remote().result()
+    assert before["images"] > before["batches"]
+
+
+def test_concurrent_http_requests_share_cloud_batches(server, files):
+    images = [_png(400 + i, shape=(32 + i, 36)) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda b: server.post("/predict", content=b, params={"mode": "cloud"}), images))
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers]
-    got = np.array([[a.json()["probabilities"][c] for c in CLASSES] for a in answers])
-    np.testing.assert_allclose(got, _local_probs(model_path, images), atol=1e-5)
-
-    # Requests in flight together share forward passes (max_batch_size=4 in this app).
-    classifier = serve.get_deployment_handle("Classifier", app_name="default")
-    before = classifier.stats.remote().result()
-    responses = [classifier.predict.remote(b) for b in images[:8]]
-    direct = np.array([[r.result()["probabilities"][c] for c in CLASSES] for r in responses])
-    np.testing.assert_allclose(direct, got[:8], atol=1e-5)
-    after = classifier.stats.remote().result()
-    assert after["images"] - before["images"] == 8
-    assert after["batches"] - before["batches"] < 8 and 1 < after["max_batch_size"] <= 4, (before, after)
+    np.testing.assert_allclose(np.array([_probs(a.json()) for a in answers]), _local_probs(files, images)["cloud"],
+                               atol=1e-5)  # batching never mixes answers up
+    assert max(a.json()["batch_size"]["cloud"] for a in answers) > 1
 
 
 def _chunks(total: int, size: int = 65_536):
@@ -158,18 +266,32 @@ def _truncated_png() -> bytes:
 
 BAD_REQUESTS = {
     "empty body": (dict(content=b""), 400, "empty"),
+    "random bytes": (dict(content=np.random.default_rng(5).bytes(2000)), 415, "not a readable image"),
     "content-length over limit": (dict(content=b"\0" * (MAX_BODY + 1)), 413, f"limit of {MAX_BODY}"),
     "chunked body over limit": (dict(content=_chunks(MAX_BODY + 100_000)), 413, f"limit of {MAX_BODY}"),
     "not an image": (dict(content=b"this is plain text, not an image"), 415, "not a readable image"),
     "truncated png": (dict(content=_truncated_png()), 415, "truncated"),
+    "1x1 image": (dict(content=encode_png(np.zeros((1, 1), np.uint8))), 422, "1x1 pixels"),
     "too many pixels": (dict(content=encode_png(np.zeros((1000, 1001), np.uint8))), 413,
                         f"above the limit of {MAX_PIXELS}"),
     "decompression bomb header": (dict(content=_png_header_only(100_000, 100_000)), 413, "too large"),
+    "wrong content type": (dict(content=_png(3), headers={"content-type": "text/plain"}), 415,
+                           "unsupported content type 'text/plain'"),
     "multipart without file": (dict(files={"image": ("x.png", _png(3), "image/png")}), 422, "'file'"),
     "multipart empty file": (dict(files={"file": ("x.png", b"", "image/png")}), 400, "empty"),
     "multipart text field": (dict(data={"file": "abc"}, files={"other": ("y.png", b"1")}), 422, "file upload"),
     "malformed multipart": (dict(content=b"--nope\r\n", headers={"content-type": "multipart/form-data"}), 400,
                             "multipart"),
+    "bad base64": (dict(json={"images": [base64.b64encode(_png(3)).decode(), "%%%not base64%%%"]}), 400,
+                   "images[1] is not valid base64"),
+    "base64 of a non-image": (dict(json={"images": [base64.b64encode(b"hello").decode()]}), 415,
+                              "images[0]: not a readable image"),
+    "malformed json": (dict(content=b"{\"images\": [", headers={"content-type": "application/json"}), 400,
+                       "malformed JSON"),
+    "json without images": (dict(json={"image": "abc"}), 422, '{"images"'),
+    "too many images": (dict(json={"images": [base64.b64encode(_png(3)).decode()] * 17}), 413, "limit of 16"),
+    "bad mode": (dict(content=_png(3), params={"mode": "fastest"}), 422, "mode must be one of"),
+    "bad threshold": (dict(content=_png(3), params={"threshold": "1.5"}), 422, "threshold must be a number"),
 }
 
 
@@ -181,6 +303,7 @@ def test_malformed_input_gets_json_error_and_server_stays_up(server, case):
     assert r.headers["content-type"].startswith("application/json")
     assert words.lower() in r.json()["error"].lower(), r.json()
     assert server.get("/healthz").json()["status"] == "ok"
+    assert server.post("/predict", content=_png(11)).status_code == 200
 
 
 def test_unknown_route_is_json_404(server):
@@ -188,42 +311,39 @@ def test_unknown_route_is_json_404(server):
     assert r.status_code == 404 and "error" in r.json()
 
 
-def test_missing_or_malformed_model_file_fails_at_build(tmp_path, server):
-    missing = tmp_path / "missing.pt"
-    with pytest.raises(CheckpointError, match="missing.pt does not exist"):
-        build_app(str(missing))
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(CheckpointError, match="garbage.pt cannot be read"):
-        run(str(garbage), port=_free_port(), blocking=False)
-    assert server.get("/healthz").status_code == 200  # the running app is untouched
-
-
-def test_model_file_changed_after_build_fails_at_deploy(tmp_path, server, model_path):
-    """A replica that cannot load the model fails the deploy with the replica's own CheckpointError."""
-    path = tmp_path / "swapped.pt"
-    path.write_bytes(open(model_path, "rb").read())
-    app = build_app(str(path), num_cpus=0.25, threads=1)
-    path.write_bytes(b"replaced after build_app")
-    with pytest.raises(CheckpointError, match=r"swapped\.pt on this node has sha256"):
-        deploy(app, name="broken", route_prefix="/broken")
-    assert "broken" not in serve.status().applications
-    assert server.get("/healthz").status_code == 200
-
-
-def test_custom_resources_place_the_classifier(server, model_path):
-    """`resources` reaches the classifier replica: it holds a share of the node's `cloud` resource."""
-    if "cloud" not in ray.cluster_resources():
-        pytest.skip("this Ray instance has no 'cloud' resource")
-    app = build_app(model_path, model_version="placed", resources={"cloud": 0.25}, num_cpus=0.25, threads=1)
-    serve.run(app, name="placed", route_prefix="/placed", blocking=False)
+def test_bearer_token_from_the_environment(server, files):
+    """A second app whose router's environment holds the token (as a Kubernetes Secret would)."""
+    config = build_serve_config({**_args(files), "auth_token_env": "RESOPS_API_TOKEN",
+                                 "edge": {**_args(files)["edge"], "num_replicas": 1}}, port=server.port)
+    app = config["applications"][0]
+    app.update(name="secure", route_prefix="/secure", runtime_env={"env_vars": {"RESOPS_API_TOKEN": TOKEN}})
+    # A deploy config is declarative: it lists every application that should run, the open one too.
+    deploy_config({**server.config, "applications": [*server.config["applications"], app]})
     try:
-        r = server.post("/placed/predict", content=_png(5))
-        assert r.status_code == 200 and r.json()["model_version"] == "placed"
-        deadline = time.monotonic() + 20
-        while ray.cluster_resources()["cloud"] - ray.available_resources().get("cloud", 0.0) < 0.25 - 1e-6:
-            assert time.monotonic() < deadline, "classifier replica does not hold the 'cloud' resource"
-            time.sleep(0.2)
+        img = _png(21)
+        missing = server.post("/secure/predict", content=img)
+        assert missing.status_code == 401 and "bearer token" in missing.json()["error"]
+        assert missing.headers["www-authenticate"] == "Bearer"
+        wrong = server.post("/secure/predict", content=img, headers={"authorization": "Bearer nope"})
+        assert wrong.status_code == 401
+        assert server.get("/secure/models").status_code == 401
+        ok = server.post("/secure/predict", content=img, headers={"authorization": f"Bearer {TOKEN}"})
+        assert ok.status_code == 200 and ok.json()["label"] in CLASSES
+        assert server.get("/secure/healthz").status_code == 200  # probes need no token
+        assert server.post("/predict", content=img).status_code == 200  # the open app stays open
     finally:
-        serve.delete("placed")
+        serve.delete("secure")
+
+
+def test_model_file_changed_after_build_fails_at_deploy(server, files, tmp_path):
+    """A replica that finds another file than the config was built from refuses to start, naming it."""
+    for name in ("full.pt", "edge.pt", "edge_int8.onnx"):
+        (tmp_path / name).write_bytes((files / name).read_bytes())
+    config = build_serve_config({**_args(tmp_path), "edge": {**_args(files)["edge"], "num_replicas": 1}})
+    broken = config["applications"][0]
+    broken.update(name="broken", route_prefix="/broken")
+    (tmp_path / "full.pt").write_bytes((files / "edge.pt").read_bytes())  # replaced after the build
+    with pytest.raises(CheckpointError, match=r"full\.pt has sha256 \w+, not \w+ as recorded in the Serve config"):
+        deploy_config({**server.config, "applications": [*server.config["applications"], broken]})
+    assert "broken" not in serve.status().applications
     assert server.get("/healthz").status_code == 200

@@ -1,16 +1,23 @@
-"""Ray Serve deployments (``Classifier`` tiers behind a FastAPI ``Router``) and the HTTP schema.
+"""Ray Serve deployments (``EdgeClassifier`` and ``CloudClassifier`` tiers behind a FastAPI ``Router``),
+the HTTP schema and the Serve config file.
 
-``build_app``, ``deploy`` and ``run`` live in ``components.serve.app``; they are imported lazily here so
-that ``components.serve.schema`` can be used without importing Ray Serve.
+``build_app`` and ``app_builder`` live in ``components.serve.app``, the config functions in
+``components.serve.config``; they are imported lazily here so that ``components.serve.schema``
+can be used without importing Ray Serve.
 """
-from components.serve.schema import ErrorResponse, HealthResponse, ModelInfo, PredictResponse
+from components.serve.schema import (MODES, BatchPredictResponse, ErrorResponse, HealthResponse, ModelsResponse,
+                                     PredictResponse, TierInfo)
 
-__all__ = ["build_app", "deploy", "run", "ErrorResponse", "HealthResponse", "ModelInfo", "PredictResponse"]
+_LAZY = {"build_app": "app", "app_builder": "app", "build_serve_config": "config", "deploy_config": "config",
+         "load_serve_config": "config", "write_serve_config": "config", "serve_args": "config"}
+
+__all__ = [*_LAZY, "MODES", "BatchPredictResponse", "ErrorResponse", "HealthResponse", "ModelsResponse",
+           "PredictResponse", "TierInfo"]
 
 
 def __getattr__(name: str):
-    if name in ("build_app", "deploy", "run"):
-        from components.serve import app
+    if name in _LAZY:
+        from importlib import import_module
 
-        return getattr(app, name)
+        return getattr(import_module(f"components.serve.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'components.serve' has no attribute {name!r}")

@@ -1,45 +1,54 @@
-"""Ray Serve application serving a classification model over HTTP.
+"""Cloud-edge collaborative inference on Ray Serve.
 
-Two deployments, composed with a DeploymentHandle so more tiers can be added (edge/cloud cascade):
+Three deployments, composed with DeploymentHandles:
 
-* ``Classifier`` -- one model tier: loads a model file, decodes and preprocesses each image exactly
-  like training validation does (``AugmentOperator(policy=None, output="tensor")``), and runs
-  batched inference (``@serve.batch``) in eval mode, channels_last, under ``torch.inference_mode``.
-* ``Router`` -- the FastAPI ingress (OpenAPI at ``/docs``): checks the request, sends the image
-  bytes to the classifier handle, shapes the answer.
+* ``EdgeClassifier`` -- the promoted edge model (int8 ONNX when the prune stage built one, else the
+  pruned torch model), several small replicas placed on ``edge`` nodes;
+* ``CloudClassifier`` -- the promoted full model with dynamic batching (``@serve.batch``), placed on
+  ``cloud`` nodes;
+* ``Router`` -- the FastAPI ingress (OpenAPI at ``/docs``). Per request (``?mode=`` or the JSON field
+  ``mode``) or by default: ``edge`` (edge only), ``cloud`` (cloud only) or ``cascade`` (edge first;
+  the request escalates to the cloud when the edge's calibrated confidence is below the threshold).
+
+Both tiers decode and preprocess each image exactly like training validation does
+(``AugmentOperator(policy=None, output="tensor")``), batch concurrent requests, and report
+temperature-calibrated probabilities (the temperatures come from the validation split, see
+``components.evaluate.calibration``).
 
 HTTP API::
 
-    POST /predict   multipart/form-data with a file field ``file``, or the raw image as the body
-                    (any content type: image/png, application/octet-stream, ...)
-                    -> PredictResponse
-    GET  /healthz   -> HealthResponse
-    GET  /models    -> ModelInfo
+    POST /predict   an image: multipart field ``file``, or the raw bytes as the body (image/*,
+                    application/octet-stream, or no content type) -> PredictResponse
+                    a batch: application/json {"images": [base64, ...], "mode": ..., "threshold": ...}
+                    -> BatchPredictResponse
+    GET  /healthz   both tiers answer -> HealthResponse (never needs a token: probes use it)
+    GET  /models    the tiers, their files and versions, calibration, the cascade threshold
 
 Errors are JSON ``{"error": "<what is wrong>"}`` and never take the server down:
 
-    400  empty body, empty uploaded file, invalid Content-Length, malformed multipart body
-    413  body above ``max_body_bytes`` (Content-Length checked first, then the bytes actually
-         received, so chunked uploads are bounded too), or an image whose header declares more
-         than ``max_image_pixels`` pixels (decompression bomb; refused before decoding)
-    415  the bytes are not a decodable image: unknown format, corrupt or truncated
-    422  multipart/form-data without a ``file`` field
-    404  unknown path
-
-Placement: the classifier asks for ``num_cpus`` and, only when ``resources`` is given, for Ray custom
-resources (e.g. ``{"cloud": 0.01}``), so on a plain local Ray it needs nothing special.
+    400  empty body, bad Content-Length, malformed multipart or JSON body, bad base64
+    401  a token is configured and the request has no valid ``Authorization: Bearer <token>``
+    413  body above ``max_body_bytes`` (Content-Length first, then the bytes received), more than
+         ``max_batch_images`` images, or an image header declaring more than ``max_image_pixels``
+         pixels (decompression bomb; refused before decoding)
+    415  an unsupported content type, or bytes that are not a decodable image
+    422  no ``file`` field, an image smaller than ``min_image_side``, a bad ``mode`` or ``threshold``
 """
+from __future__ import annotations
+
 import asyncio
+import base64
+import binascii
+import hmac
 import io
-import signal
-import threading
+import json
+import os
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -50,18 +59,25 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.data.images import ImageDecodeError
 from components.registry import file_sha256
-from components.serve.schema import PREDICT_ERRORS, ErrorResponse, HealthResponse, ModelInfo, PredictResponse
+from components.serve.schema import (MODES, PREDICT_ERRORS, BatchPredictResponse, ErrorResponse, HealthResponse,
+                                     ModelsResponse, PredictResponse)
 
-UNDECODABLE, TOO_LARGE = "undecodable", "too_large"
-_STATUS = {UNDECODABLE: 415, TOO_LARGE: 413}
+UNDECODABLE, TOO_LARGE, TOO_SMALL = "undecodable", "too_large", "too_small"
+_STATUS = {UNDECODABLE: 415, TOO_LARGE: 413, TOO_SMALL: 422}
+RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
 
 
 class ImageTooLargeError(ImageDecodeError):
     """The image header declares more pixels than allowed; raised before any pixel is decoded."""
 
 
-def check_pixel_count(data: bytes, max_pixels: int) -> None:
-    """Refuse images whose header declares more than ``max_pixels`` pixels (or PIL's own bomb limit).
+class ImageTooSmallError(ImageDecodeError):
+    """The image is smaller than the smallest side a classifier can say anything about."""
+
+
+def check_image_header(data: bytes, max_pixels: int, min_side: int = 1) -> None:
+    """Refuse images whose header declares more than ``max_pixels`` pixels (or PIL's own bomb limit)
+    or a side shorter than ``min_side``.
 
     Only the header is read. Data PIL cannot identify passes through: decoding names that problem.
     """
@@ -81,6 +97,8 @@ def check_pixel_count(data: bytes, max_pixels: int) -> None:
     if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
         raise ImageTooLargeError(f"image has {w}x{h}={w * h} pixels, above PIL's decompression-bomb "
                                  f"limit of {Image.MAX_IMAGE_PIXELS}")
+    if min(w, h) < min_side:
+        raise ImageTooSmallError(f"image is {w}x{h} pixels; its shorter side must be at least {min_side}")
 
 
 def read_model_info(model_path: str) -> dict:
@@ -102,43 +120,60 @@ def read_model_info(model_path: str) -> dict:
             "in_chans": int(meta["in_chans"])}
 
 
-@serve.deployment(max_constructor_retry_count=2)
-class Classifier:
-    """One model tier: image bytes in, softmax probabilities out, inference batched across requests.
+class _Tier:
+    """One model tier: image bytes in, calibrated softmax probabilities out, batched across requests.
 
-    ``predict`` never raises for bad input; it answers ``{"error": msg, "reason": "undecodable" |
-    "too_large"}`` so a caller can map the reason to a status (and a cascade can tell input errors
-    from model errors).
+    ``model_path`` is a resops model file (dense, sparse ``.npz`` or channel-pruned ``.pt``): it gives
+    the weights and the metadata (classes, input size). With ``onnx_path`` the forward pass runs that
+    ONNX file (the int8 edge model) in ONNX Runtime instead; the metadata still comes from
+    ``model_path``. ``predict`` never raises for bad input; it answers ``{"error": msg, "reason":
+    "undecodable" | "too_large" | "too_small"}`` so the router can map the reason to a status.
     """
 
-    def __init__(self, model_path: str, *, model_version: str = "unknown", max_image_pixels: int = 50_000_000,
+    tier = "tier"
+
+    def __init__(self, model_path: str, *, onnx_path: str | None = None, model_version: str = "unknown",
+                 temperature: float = 1.0, max_image_pixels: int = 50_000_000, min_image_side: int = 8,
                  max_batch_size: int = 8, batch_wait_timeout_s: float = 0.01, threads: int = 2,
-                 sha256: str | None = None):
+                 sha256: dict | None = None):
         import torch  # imported here: the router process never needs torch
 
         from components.augment.operator import AugmentOperator
         from components.models.checkpoint import CheckpointError, load_model
 
-        if sha256 is not None and Path(model_path).exists() and (found := file_sha256(model_path)) != sha256:
-            # Another node's copy, or the file was replaced after build_app: the version label would lie.
-            raise CheckpointError(f"model file {model_path} on this node has sha256 {found}, "
-                                  f"not {sha256} as when the app was built")
+        for path in filter(None, (model_path, onnx_path)):
+            expected = (sha256 or {}).get(Path(path).name)
+            if expected and Path(path).exists() and (found := file_sha256(path)) != expected:
+                # Another node's copy, or the file was replaced after the app was built: the version would lie.
+                raise CheckpointError(f"model file {path} on this node has sha256 {found}, "
+                                      f"not {expected} as when the app was built")
         self._torch = torch
-        self.threads = threads
         torch.set_num_threads(threads)
         model, meta = load_model(model_path)
-        self.model = model.eval().to(memory_format=torch.channels_last)
         self.meta = meta
+        self.onnx = None
+        if onnx_path:
+            from components.prune.quantize import OnnxClassifier
+
+            self.onnx = OnnxClassifier(onnx_path, threads=threads)
+            self.model = None
+        else:
+            self.model = model.eval().to(memory_format=torch.channels_last)
+        self.backend = "onnxruntime" if self.onnx is not None else "torch"
+        self.files = [Path(p).name for p in filter(None, (model_path, onnx_path))]
         self.model_version = model_version
+        self.temperature = float(temperature)
+        if not self.temperature > 0:
+            raise ValueError(f"{self.tier}: temperature must be > 0, got {temperature}")
         self.class_names = [str(n) for n in meta["class_names"]]
-        self.max_image_pixels = max_image_pixels
+        self.max_image_pixels, self.min_image_side = max_image_pixels, min_image_side
         # The validation transform of training: decode, resize, normalise; no augmentation.
         self.preprocess_op = AugmentOperator(policy=None, output="tensor", image_size=int(meta["image_size"]),
                                              in_chans=int(meta["in_chans"]), max_pixels=max_image_pixels)
         self._infer.set_max_batch_size(max_batch_size)
         self._infer.set_batch_wait_timeout_s(batch_wait_timeout_s)
         # One thread runs the forward passes so the event loop keeps accepting and decoding requests
-        # while a batch computes (torch releases the GIL).
+        # while a batch computes (torch and ONNX Runtime release the GIL).
         self._forward_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward",
                                                 initializer=torch.set_num_threads, initargs=(threads,))
         # Decoding runs off the event loop too, at most `threads` images at once: bounded memory
@@ -148,54 +183,83 @@ class Classifier:
 
     def preprocess(self, data: bytes) -> np.ndarray:
         """Encoded image bytes -> float32 CHW array; raises ImageDecodeError naming the problem."""
-        check_pixel_count(data, self.max_image_pixels)
+        check_image_header(data, self.max_image_pixels, self.min_image_side)
         out = self.preprocess_op({"image": np.array([data], dtype=object), "label": np.array([0])})
         return out["image"][0]
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        torch = self._torch
-        x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
-            return torch.softmax(self.model(x).float(), dim=1).numpy()
+        """Calibrated probabilities of a float32 NCHW batch."""
+        from components.evaluate.calibration import softmax
+
+        if self.onnx is not None:
+            logits = self.onnx.logits(batch, batch_size=len(batch))
+        else:
+            torch = self._torch
+            x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                logits = self.model(x).float().numpy()
+        return softmax(logits, self.temperature).astype(np.float32)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _infer(self, images: list[np.ndarray]) -> list[np.ndarray]:
+    async def _infer(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
         loop = asyncio.get_running_loop()
         probs = await loop.run_in_executor(self._forward_pool, self.forward, np.stack(images))
         st = self.batch_stats
         st["batches"], st["images"] = st["batches"] + 1, st["images"] + len(images)
         st["max_batch_size"] = max(st["max_batch_size"], len(images))
-        return list(probs)
+        return [(p, len(images)) for p in probs]
 
     async def predict(self, data: bytes) -> dict:
+        start = time.perf_counter()
         try:
             image = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.preprocess, data)
         except ImageTooLargeError as exc:
             return {"error": str(exc), "reason": TOO_LARGE}
+        except ImageTooSmallError as exc:
+            return {"error": str(exc), "reason": TOO_SMALL}
         except ImageDecodeError as exc:
             return {"error": str(exc), "reason": UNDECODABLE}
-        probs = await self._infer(image)
+        probs, batch_size = await self._infer(image)
         index = int(np.argmax(probs))
-        return {"label": self.class_names[index], "label_index": index,
+        return {"label": self.class_names[index], "label_index": index, "confidence": float(probs[index]),
                 "probabilities": {name: float(p) for name, p in zip(self.class_names, probs)},
-                "model_version": self.model_version, "model_name": str(self.meta["model_name"])}
+                "model_version": self.model_version, "model_name": str(self.meta["model_name"]),
+                "batch_size": batch_size, "compute_ms": (time.perf_counter() - start) * 1000.0}
 
     def stats(self) -> dict:
         """Batches run by this replica: how well requests are being batched."""
         return dict(self.batch_stats)
 
     def info(self) -> dict:
-        return {"model_name": str(self.meta["model_name"]), "model_version": self.model_version,
+        return {"tier": self.tier, "model_name": str(self.meta["model_name"]), "model_version": self.model_version,
+                "backend": self.backend, "files": self.files, "temperature": self.temperature,
                 "class_names": self.class_names, "num_classes": int(self.meta["num_classes"]),
-                "image_size": int(self.meta["image_size"]), "in_chans": int(self.meta["in_chans"])}
+                "image_size": int(self.meta["image_size"]), "in_chans": int(self.meta["in_chans"]),
+                "compression": self.meta.get("pruning") or ({"method": "structured"} if "structured" in self.meta
+                                                            else None)}
 
 
-api = FastAPI(title="resops", description="ResNet18-family visual inspection: classify an image.",
-              version="1")
+@serve.deployment(max_constructor_retry_count=2)
+class EdgeClassifier(_Tier):
+    """The edge tier: the small (pruned, quantized) model next to the camera; answers confident inputs."""
+
+    tier = "edge"
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message})
+@serve.deployment(max_constructor_retry_count=2)
+class CloudClassifier(_Tier):
+    """The cloud tier: the full model, dynamic batching; answers what the edge escalates."""
+
+    tier = "cloud"
+
+
+api = FastAPI(title="resops", version="2",
+              description="ResNet18-family visual inspection with cloud-edge collaborative inference: the edge "
+                          "model answers confident inputs, the rest escalate to the full model in the cloud.")
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -210,15 +274,28 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 _PREDICT_BODY = {
     "required": True,
-    "description": "the image: a multipart form with a file field `file`, or the raw encoded bytes as the body",
+    "description": "an image (multipart field `file`, or the raw encoded bytes as the body), or a JSON batch "
+                   "{\"images\": [base64, ...], \"mode\": \"cascade\", \"threshold\": 0.6}",
     "content": {
         "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
                                            "properties": {"file": {"type": "string", "format": "binary"}}}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         "image/png": {"schema": {"type": "string", "format": "binary"}},
         "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
+            "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
+            "mode": {"type": "string", "enum": list(MODES)},
+            "threshold": {"type": "number", "minimum": 0, "maximum": 1}}}},
     },
 }
+_PREDICT_PARAMS = [
+    {"name": "mode", "in": "query", "required": False, "schema": {"type": "string", "enum": list(MODES)},
+     "description": "edge | cloud | cascade (default: the app's default_mode)"},
+    {"name": "threshold", "in": "query", "required": False,
+     "schema": {"type": "number", "minimum": 0, "maximum": 1},
+     "description": "cascade only: escalate when the edge's calibrated confidence is below this "
+                    "(default: the calibrated threshold)"},
+]
 
 
 class _BadRequest(Exception):
@@ -227,17 +304,68 @@ class _BadRequest(Exception):
         self.status = status
 
 
+def _parse_mode(value, default: str) -> str:
+    if value is None or value == "":
+        return default
+    if value not in MODES:
+        raise _BadRequest(422, f"mode must be one of {', '.join(MODES)}, got {value!r}")
+    return value
+
+
+def _parse_threshold(value, default: float) -> float:
+    if value is None or value == "":
+        return default
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise _BadRequest(422, f"threshold must be a number in [0, 1], got {value!r}") from None
+    if not 0.0 <= t <= 1.0:  # also refuses NaN
+        raise _BadRequest(422, f"threshold must be a number in [0, 1], got {value!r}")
+    return t
+
+
+def _b64decode(text, index: int) -> bytes:
+    if not isinstance(text, str):
+        raise _BadRequest(400, f"images[{index}] must be a base64 string, not {type(text).__name__}")
+    if text.startswith("data:"):  # data URL: data:image/png;base64,....
+        text = text.partition(",")[2]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise _BadRequest(400, f"images[{index}] is not valid base64: {exc}") from None
+    if not data:
+        raise _BadRequest(400, f"images[{index}] is empty")
+    return data
+
+
 @serve.deployment
 @serve.ingress(api)
 class Router:
-    """HTTP ingress: validates requests, forwards image bytes to the classifier tier, shapes answers."""
+    """HTTP ingress: checks requests, routes them to the edge and/or cloud tier, shapes the answers."""
 
-    def __init__(self, classifier: DeploymentHandle, model_info: dict, *, model_version: str = "unknown",
-                 max_body_bytes: int = 10_000_000):
-        self.classifier = classifier
-        self.info = ModelInfo(model_version=model_version, **model_info)
-        self.max_body_bytes = max_body_bytes
-        self._classifier_seen = False
+    def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, info: dict, *, default_mode: str = "cascade",
+                 threshold: float = 0.5, max_body_bytes: int = 10_000_000, max_batch_images: int = 64,
+                 auth_token: str | None = None, auth_token_env: str | None = None):
+        if default_mode not in MODES:
+            raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
+        self.edge, self.cloud = edge, cloud
+        self.info = dict(info)
+        self.default_mode = default_mode
+        self.threshold = float(threshold)
+        self.max_body_bytes, self.max_batch_images = max_body_bytes, max_batch_images
+        # The token never sits in a config file: the app is given the name of an environment variable
+        # (a Kubernetes Secret on a cluster), read here on the router's node.
+        token = auth_token or (os.environ.get(auth_token_env) if auth_token_env else None)
+        self._token = token.encode() if token else None
+        self._tiers_seen = False
+
+    # ------------------------------------------------------------------ request checks
+    def _authorize(self, request: Request) -> None:
+        if self._token is None:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
+            raise _BadRequest(401, "missing or invalid bearer token: send 'Authorization: Bearer <token>'")
 
     async def _read_body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -257,13 +385,7 @@ class Router:
             chunks.append(chunk)
         return b"".join(chunks)
 
-    async def _image_bytes(self, request: Request) -> bytes:
-        body = await self._read_body(request)
-        if not body:
-            raise _BadRequest(400, "empty request body: send an image as the body or as multipart field 'file'")
-        if not request.headers.get("content-type", "").lower().startswith("multipart/form-data"):
-            return body
-
+    async def _multipart_file(self, request: Request, body: bytes) -> bytes:
         sent = False
 
         async def replay() -> dict:  # parse the form from the bytes already read and size-checked
@@ -273,9 +395,8 @@ class Router:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
 
-        form_request = Request(request.scope, receive=replay)
         try:
-            form = await form_request.form(max_files=1, max_fields=16)
+            form = await Request(request.scope, receive=replay).form(max_files=1, max_fields=16)
         except StarletteHTTPException as exc:
             raise _BadRequest(400, f"malformed multipart/form-data body: {exc.detail}") from None
         try:
@@ -292,158 +413,231 @@ class Router:
             raise _BadRequest(400, "uploaded file 'file' is empty")
         return data
 
-    async def classify(self, data: bytes) -> dict:
-        """Where tiers are chosen; a cascade overrides this (edge first, escalate to cloud)."""
-        return await self.classifier.predict.remote(data)
+    def _json_batch(self, body: bytes) -> tuple[list[bytes], dict]:
+        try:
+            doc = json.loads(body)
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _BadRequest(400, f"malformed JSON body: {exc}") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
+            raise _BadRequest(422, 'JSON body must be an object {"images": [base64, ...]}')
+        images = doc["images"]
+        if not images:
+            raise _BadRequest(422, "'images' is empty")
+        if len(images) > self.max_batch_images:
+            raise _BadRequest(413, f"{len(images)} images in one request, above the limit of "
+                                   f"{self.max_batch_images}")
+        unknown = sorted(set(doc) - {"images", "mode", "threshold"})
+        if unknown:
+            raise _BadRequest(422, f"unknown JSON fields {unknown}; allowed: images, mode, threshold")
+        return [_b64decode(s, i) for i, s in enumerate(images)], doc
 
-    @api.post("/predict", response_model=PredictResponse, openapi_extra={"requestBody": _PREDICT_BODY},
+    # ------------------------------------------------------------------ routing
+    async def classify(self, data: bytes, mode: str, threshold: float) -> dict:
+        """One image through the tiers ``mode`` names; escalate iff the edge confidence < threshold."""
+        start = time.perf_counter()
+        latency, batch_sizes, versions = {}, {}, {}
+        edge_conf = None
+        if mode in ("edge", "cascade"):
+            t = time.perf_counter()
+            result = await self.edge.predict.remote(data)
+            latency["edge"] = (time.perf_counter() - t) * 1000.0
+            if "error" in result:
+                return result
+            edge_conf, tier = result["confidence"], "edge"
+            batch_sizes["edge"], versions["edge"] = result["batch_size"], result["model_version"]
+        escalate = mode == "cloud" or (mode == "cascade" and edge_conf < threshold)
+        if escalate:
+            t = time.perf_counter()
+            result = await self.cloud.predict.remote(data)
+            latency["cloud"] = (time.perf_counter() - t) * 1000.0
+            if "error" in result:
+                return result
+            tier = "cloud"
+            batch_sizes["cloud"], versions["cloud"] = result["batch_size"], result["model_version"]
+        latency["total"] = (time.perf_counter() - start) * 1000.0
+        return {"label": result["label"], "label_index": result["label_index"],
+                "probabilities": result["probabilities"], "tier": tier, "mode": mode,
+                "escalated": mode == "cascade" and escalate, "edge_confidence": edge_conf,
+                "threshold": threshold if mode == "cascade" else None, "model_name": result["model_name"],
+                "model_versions": versions, "batch_size": batch_sizes, "latency_ms": latency}
+
+    @api.post("/predict", response_model=PredictResponse | BatchPredictResponse,
+              openapi_extra={"requestBody": _PREDICT_BODY, "parameters": _PREDICT_PARAMS},
               responses={code: {"model": ErrorResponse, "description": why} for code, why in PREDICT_ERRORS.items()})
     async def predict(self, request: Request):
-        """Classify one image (multipart field `file`, or the raw bytes as the body)."""
+        """Classify one image (multipart field `file`, or the raw bytes) or a JSON batch of base64 images."""
         start = time.perf_counter()
         try:
-            data = await self._image_bytes(request)
+            self._authorize(request)
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype and not (ctype in ("multipart/form-data", "application/json")
+                              or ctype.startswith(RAW_CONTENT_TYPES)):
+                raise _BadRequest(415, f"unsupported content type {ctype!r}: send an image (image/*, "
+                                       "application/octet-stream), multipart/form-data with field 'file', or "
+                                       'application/json {"images": [base64, ...]}')
+            body = await self._read_body(request)
+            if not body:
+                raise _BadRequest(400, "empty request body: send an image as the body, as multipart field 'file', "
+                                       'or a JSON batch {"images": [base64, ...]}')
+            query = request.query_params
+            if ctype == "application/json":
+                images, doc = self._json_batch(body)
+                mode = _parse_mode(doc.get("mode", query.get("mode")), self.default_mode)
+                threshold = _parse_threshold(doc.get("threshold", query.get("threshold")), self.threshold)
+            else:
+                images = [await self._multipart_file(request, body) if ctype == "multipart/form-data" else body]
+                mode = _parse_mode(query.get("mode"), self.default_mode)
+                threshold = _parse_threshold(query.get("threshold"), self.threshold)
         except _BadRequest as exc:
-            return _error(exc.status, str(exc))
-        result = await self.classify(data)
-        if "error" in result:
-            return _error(_STATUS[result["reason"]], result["error"])
-        return PredictResponse(**result, latency_ms=(time.perf_counter() - start) * 1000.0)
+            return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        # The images of a batch go through the tiers concurrently, so the tiers batch them together.
+        results = await asyncio.gather(*(self.classify(data, mode, threshold) for data in images))
+        for i, result in enumerate(results):
+            if "error" in result:
+                where = f"images[{i}]: " if ctype == "application/json" else ""
+                return _error(_STATUS[result["reason"]], where + result["error"])
+        if ctype == "application/json":
+            return BatchPredictResponse(predictions=[PredictResponse(**r) for r in results],
+                                        latency_ms=(time.perf_counter() - start) * 1000.0)
+        return PredictResponse(**results[0])
 
     @api.get("/healthz", response_model=HealthResponse,
-             responses={503: {"model": ErrorResponse, "description": "the classifier has not answered yet"}})
+             responses={503: {"model": ErrorResponse, "description": "a tier has not answered yet"}})
     async def healthz(self):
-        """OK once a classifier replica has answered: the router alone is up before the model is loaded."""
-        if not self._classifier_seen:
+        """OK once both tiers have answered: the router alone is up before the models are loaded."""
+        if not self._tiers_seen:
             try:
-                await asyncio.wait_for(self._ask_classifier(), timeout=1.0)
+                await asyncio.wait_for(asyncio.gather(self.edge.info.remote(), self.cloud.info.remote()), timeout=2.0)
             except Exception as exc:  # any failure means "not ready yet"
-                return _error(503, f"model not ready: the classifier did not answer ({type(exc).__name__})")
-            self._classifier_seen = True
-        return HealthResponse(model_version=self.info.model_version, model_name=self.info.model_name)
+                return _error(503, f"models not ready: a tier did not answer ({type(exc).__name__})")
+            self._tiers_seen = True
+        return HealthResponse(default_mode=self.default_mode,
+                              model_versions={t: self.info[t]["model_version"] for t in ("edge", "cloud")})
 
-    async def _ask_classifier(self) -> None:
-        await self.classifier.info.remote()
+    @api.get("/models", response_model=ModelsResponse, responses={401: {"model": ErrorResponse}})
+    async def models(self, request: Request):
+        """The two tiers (model, version, files, backend, temperature) and the cascade settings."""
+        try:
+            self._authorize(request)
+        except _BadRequest as exc:
+            return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"})
+        return ModelsResponse(default_mode=self.default_mode, threshold=self.threshold, **self.info)
 
-    @api.get("/models", response_model=ModelInfo)
-    async def models(self) -> ModelInfo:
-        return self.info
+
+def _tier_options(options: dict | None, max_batch_size: int) -> dict:
+    """Deployment options of a tier: replicas or autoscaling, placement; in-flight room for a full batch."""
+    options = dict(options or {})
+    actor = {"num_cpus": float(options.pop("num_cpus", 1.0))}
+    if options.get("resources"):
+        actor["resources"] = dict(options.pop("resources"))
+    options.pop("resources", None)
+    out = {"ray_actor_options": actor, "max_ongoing_requests": int(options.pop("max_ongoing_requests", 0))
+           or 2 * max_batch_size}
+    if out["max_ongoing_requests"] < max_batch_size:
+        raise ValueError(f"max_ongoing_requests ({out['max_ongoing_requests']}) must be >= max_batch_size "
+                         f"({max_batch_size}), or batches never fill")
+    if options.get("autoscaling_config"):
+        out["autoscaling_config"] = dict(options.pop("autoscaling_config"))
+        options.pop("num_replicas", None)
+    else:
+        options.pop("autoscaling_config", None)
+        out["num_replicas"] = int(options.pop("num_replicas", 1))
+    if options:
+        raise ValueError(f"unknown deployment options {sorted(options)}")
+    return out
 
 
-def build_app(model_path: str, *, model_version: str = "unknown", max_body_bytes: int = 10_000_000,
-              max_image_pixels: int = 50_000_000, num_replicas: int = 1, max_batch_size: int = 8,
-              batch_wait_timeout_s: float = 0.01, threads: int = 2, resources: dict | None = None,
-              num_cpus: float = 1.0):
-    """The Serve application for one model file: ``Router.bind(Classifier.bind(...), ...)``.
-
-    The model file is loaded here once to validate it: a missing or malformed file raises
-    ``CheckpointError`` now, naming the file, instead of failing replicas after deployment.
-    ``resources`` (e.g. ``{"cloud": 0.01}``) adds Ray custom resources to the classifier's placement;
-    by default it asks only for ``num_cpus``.
-    """
+def _resolve(path: str | None, base_dir: str | None) -> str | None:
+    if not path:
+        return None
+    p = Path(path)
+    if not p.is_absolute():
+        p = Path(base_dir or os.environ.get("RESOPS_HOME") or ".") / p
     # Absolute: replicas do not share the caller's working directory. On a multi-node cluster the
-    # path must reach the same file on the classifier's node (shared volume or baked into the image);
-    # the replica checks the sha256 taken here.
-    model_path = str(Path(model_path).resolve())
-    model_info = read_model_info(model_path)
-    actor_options: dict = {"num_cpus": num_cpus}
-    if resources:
-        actor_options["resources"] = dict(resources)
-    classifier = Classifier.options(
-        num_replicas=num_replicas,
-        # Room for a full batch waiting while the previous one computes.
-        max_ongoing_requests=2 * max_batch_size,
-        ray_actor_options=actor_options,
-    ).bind(model_path, model_version=model_version, max_image_pixels=max_image_pixels,
-           max_batch_size=max_batch_size, batch_wait_timeout_s=batch_wait_timeout_s, threads=threads,
-           sha256=file_sha256(model_path))
-    router = Router.options(
-        # The router only parses requests and awaits the classifier: many in flight, little CPU.
-        max_ongoing_requests=max(64, 4 * max_batch_size * num_replicas),
-        ray_actor_options={"num_cpus": 0.1},
-    )
-    return router.bind(classifier, model_info, model_version=model_version, max_body_bytes=max_body_bytes)
+    # path must reach the same file on every tier's node (shared volume or baked into the image);
+    # replicas check the sha256 taken here.
+    return str(p.resolve())
+
+
+def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str | None = None,
+              model_version: str = "unknown", edge_version: str | None = None, cloud_version: str | None = None,
+              temperatures: dict | None = None, threshold: float = 0.5, default_mode: str = "cascade",
+              max_body_bytes: int = 10_000_000, max_image_pixels: int = 50_000_000, min_image_side: int = 8,
+              max_batch_images: int = 64, edge: dict | None = None, cloud: dict | None = None,
+              router: dict | None = None, auth_token: str | None = None, auth_token_env: str | None = None,
+              calibration: dict | None = None, base_dir: str | None = None, files_sha256: dict | None = None):
+    """The Serve application: ``Router.bind(EdgeClassifier.bind(...), CloudClassifier.bind(...), ...)``.
+
+    ``cloud_model`` is the full model; ``edge_model`` the edge model (default: the full model, so a
+    model without a compressed twin still serves every mode), ``edge_onnx`` its int8 ONNX export.
+    ``edge`` / ``cloud`` hold each tier's settings: ``max_batch_size``, ``batch_wait_timeout_s``,
+    ``threads`` and the deployment options ``num_replicas`` or ``autoscaling_config``, ``num_cpus``,
+    ``resources`` (Ray custom resources, e.g. ``{"edge": 0.01}``), ``max_ongoing_requests``.
+    Model files are loaded here once to validate them: a missing or malformed file raises
+    ``CheckpointError`` now, naming the file, instead of failing replicas after deployment.
+    Relative paths are taken from ``base_dir`` (else ``$RESOPS_HOME``, else the working directory).
+    ``files_sha256`` (file name -> sha256, as the Serve config records them) pins the model files:
+    a file that differs raises ``CheckpointError``, so a config never serves other weights than the
+    ones it was written for.
+    """
+    cloud_model = _resolve(cloud_model, base_dir)
+    edge_model = _resolve(edge_model, base_dir) or cloud_model
+    edge_onnx = _resolve(edge_onnx, base_dir)
+    temperatures = dict(temperatures or {})
+    if default_mode not in MODES:
+        raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {default_mode!r}")
+    info, handles = {}, {}
+    for tier, cls, model_path, onnx_path, version, settings in (
+            ("edge", EdgeClassifier, edge_model, edge_onnx, edge_version, edge),
+            ("cloud", CloudClassifier, cloud_model, None, cloud_version, cloud)):
+        settings = dict(settings or {})
+        batch = int(settings.pop("max_batch_size", 8))
+        wait = float(settings.pop("batch_wait_timeout_s", 0.01))
+        threads = int(settings.pop("threads", 1))
+        meta = read_model_info(model_path)
+        if onnx_path and not Path(onnx_path).exists():
+            from components.models.checkpoint import CheckpointError
+
+            raise CheckpointError(f"ONNX model file {onnx_path} does not exist")
+        files = [p for p in (model_path, onnx_path) if p]
+        sha = {Path(p).name: file_sha256(p) for p in files}
+        for name, found in sha.items():
+            expected = (files_sha256 or {}).get(name)
+            if expected and expected != found:
+                from components.models.checkpoint import CheckpointError
+
+                raise CheckpointError(f"model file {name} has sha256 {found}, not {expected} as recorded in the "
+                                      "Serve config: the file was replaced after the config was written")
+        version = version or model_version
+        temperature = float(temperatures.get(tier, 1.0))
+        info[tier] = {**meta, "tier": tier, "model_version": version, "files": sha,
+                      "backend": "onnxruntime" if onnx_path else "torch", "temperature": temperature}
+        handles[tier] = cls.options(**_tier_options(settings, batch)).bind(
+            model_path, onnx_path=onnx_path, model_version=version, temperature=temperature,
+            max_image_pixels=max_image_pixels, min_image_side=min_image_side, max_batch_size=batch,
+            batch_wait_timeout_s=wait, threads=threads, sha256=sha)
+    if info["edge"]["class_names"] != info["cloud"]["class_names"]:
+        raise ValueError(f"the edge model's classes {info['edge']['class_names']} differ from the cloud model's "
+                         f"{info['cloud']['class_names']}: a cascade cannot mix them")
+    info["calibration"] = calibration
+    router = dict(router or {})
+    router_options = {
+        # The router only parses requests and awaits the tiers: many in flight, little CPU.
+        "max_ongoing_requests": int(router.pop("max_ongoing_requests", 256)),
+        "ray_actor_options": {"num_cpus": float(router.pop("num_cpus", 0.1)),
+                              **({"resources": dict(router.pop("resources"))} if router.get("resources") else {})},
+    }
+    router.pop("resources", None)
+    if router:
+        raise ValueError(f"unknown router options {sorted(router)}")
+    return Router.options(**router_options).bind(
+        handles["edge"], handles["cloud"], info, default_mode=default_mode, threshold=threshold,
+        max_body_bytes=max_body_bytes, max_batch_images=max_batch_images, auth_token=auth_token,
+        auth_token_env=auth_token_env)
 
 
 def app_builder(args: dict):
-    """Application builder for ``serve run components.serve.app:app_builder model_path=...`` and
-    RayService ``import_path``; ``args`` are ``build_app`` keyword arguments plus ``model_path``."""
+    """Application builder for a Serve config (``import_path: components.serve.app:app_builder``), the
+    RayService ``serveConfigV2`` and ``serve run``; ``args`` are ``build_app``'s keyword arguments."""
     args = dict(args)
-    return build_app(args.pop("model_path"), **args)
-
-
-def _deploy_failure(name: str) -> str:
-    """The exception line of each failed deployment of app ``name``, from Serve's status."""
-    try:
-        app_status = serve.status().applications.get(name)
-    except Exception:  # status is best effort: the deploy error is raised anyway
-        return ""
-    if app_status is None:
-        return ""
-    lines = []
-    for dep_name, dep in app_status.deployments.items():
-        if dep.message and getattr(dep.status, "value", dep.status) != "HEALTHY":
-            last = [ln for ln in dep.message.strip().splitlines() if ln.strip()][-1].strip()
-            lines.append(f"{dep_name}: {last}")
-    return "; ".join(lines)
-
-
-def deploy(app, *, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
-           name: str = "default") -> DeploymentHandle:
-    """Start Serve's HTTP proxy on ``host:port`` (if Serve is not running yet) and deploy ``app``.
-
-    When a replica cannot start, raises the replica's own error: ``CheckpointError`` for a model
-    file problem, else ``RuntimeError`` with the reason; the failed application is deleted.
-    """
-    from components.models.checkpoint import CheckpointError
-
-    if not ray.is_initialized():
-        ray.init()
-    serve.start(http_options={"host": host, "port": port})
-    try:
-        return serve.run(app, name=name, route_prefix=route_prefix, blocking=False)
-    except RuntimeError as exc:
-        reason = _deploy_failure(name)
-        try:
-            serve.delete(name)
-        except Exception:
-            pass
-        marker = "CheckpointError: "
-        if marker in reason:
-            raise CheckpointError(f"deploying {name!r} failed: {reason.split(marker, 1)[1]}") from None
-        raise RuntimeError(f"{exc} {reason}".strip()) from None
-
-
-def run(model_path: str, *, host: str = "127.0.0.1", port: int = 8000, route_prefix: str = "/",
-        blocking: bool = True, name: str = "default", **build_kwargs) -> DeploymentHandle:
-    """Build the app for ``model_path`` and serve it over HTTP on ``host:port`` (127.0.0.1 by default).
-
-    Uses the Ray connection the caller made (``ray.init``), or starts a local Ray. A bad model
-    file raises ``CheckpointError`` before anything is deployed. Returns the ingress handle when
-    ``blocking`` is False; otherwise serves until Ctrl-C, then shuts Serve down.
-    """
-    app = build_app(model_path, **build_kwargs)  # validates the model file before touching Ray
-    if not blocking:
-        return deploy(app, host=host, port=port, route_prefix=route_prefix, name=name)
-    previous = None
-    if threading.current_thread() is threading.main_thread():  # SIGTERM (kill, Kubernetes) stops like Ctrl-C
-        previous = signal.signal(signal.SIGTERM, lambda signum, frame: _raise_interrupt())
-    handle = None
-    try:
-        handle = deploy(app, host=host, port=port, route_prefix=route_prefix, name=name)
-        prefix = "" if route_prefix in (None, "/") else route_prefix.rstrip("/")
-        print(f"Serving {model_path} on http://{host}:{port}{prefix}/ (OpenAPI docs: {prefix}/docs). "
-              "Ctrl-C stops.", flush=True)
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        serve.shutdown()
-    return handle
-
-
-def _raise_interrupt():
-    raise KeyboardInterrupt
+    return build_app(args.pop("cloud_model"), args.pop("edge_model", None), **args)

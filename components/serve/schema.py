@@ -5,33 +5,67 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+MODES = ("edge", "cloud", "cascade")
+
 
 class PredictResponse(BaseModel):
-    """One classification: the winning class and the softmax probability of every class."""
+    """One classification: which tier answered, why, and the calibrated probability of every class."""
 
     label: str = Field(description="name of the most probable class")
     label_index: int = Field(description="index of the most probable class in the model's output")
-    probabilities: dict[str, float] = Field(description="softmax probability per class name; sums to 1")
-    model_version: str = Field(description="version label of the model that answered (registry version)")
+    probabilities: dict[str, float] = Field(
+        description="temperature-calibrated softmax probability per class name, from the tier that answered")
+    tier: Literal["edge", "cloud"] = Field(description="the tier whose model gave this answer")
+    mode: Literal["edge", "cloud", "cascade"] = Field(description="the routing mode of this request")
+    escalated: bool = Field(description="cascade: the edge was not confident enough and the cloud answered")
+    edge_confidence: float | None = Field(
+        description="the edge model's calibrated top probability (null in cloud mode)")
+    threshold: float | None = Field(description="cascade: escalate when edge_confidence is below this")
     model_name: str = Field(description="architecture of the model that answered, e.g. resnet18")
-    latency_ms: float = Field(description="server-side time from receiving the body to the answer, in ms")
+    model_versions: dict[str, str] = Field(description="registry version of each tier consulted")
+    batch_size: dict[str, int] = Field(
+        description="per tier consulted: how many requests shared the forward pass this one was part of")
+    latency_ms: dict[str, float] = Field(
+        description="per tier consulted: time of the call as the router saw it; total: router time, in ms")
+
+
+class BatchPredictResponse(BaseModel):
+    """A JSON batch: one answer per image, in the order sent."""
+
+    predictions: list[PredictResponse]
+    latency_ms: float = Field(description="server-side time for the whole batch, in ms")
 
 
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
-    model_version: str
+    default_mode: str
+    model_versions: dict[str, str]
+
+
+class TierInfo(BaseModel):
+    """One tier: its model, files and how its probabilities are calibrated."""
+
+    tier: str
     model_name: str
-
-
-class ModelInfo(BaseModel):
-    """What the served model expects and answers."""
-
-    model_name: str
     model_version: str
+    backend: str = Field(description="torch, or onnxruntime for the int8 edge model")
+    files: dict[str, str] = Field(description="file name -> sha256 of the model files this tier runs")
+    temperature: float = Field(description="temperature scaling fitted on the validation split (1 = none)")
     class_names: list[str]
     num_classes: int
     image_size: int = Field(description="images are resized to image_size x image_size before inference")
     in_chans: int = Field(description="1: images are converted to grayscale; 3: to RGB")
+
+
+class ModelsResponse(BaseModel):
+    """What the app serves: both tiers, the default mode and the cascade's calibrated threshold."""
+
+    default_mode: str
+    threshold: float
+    edge: TierInfo
+    cloud: TierInfo
+    calibration: dict | None = Field(
+        default=None, description="validation-split calibration: temperatures, ECE before/after, threshold choice")
 
 
 class ErrorResponse(BaseModel):
@@ -42,9 +76,10 @@ class ErrorResponse(BaseModel):
 
 # Documented error answers of POST /predict (status code -> when).
 PREDICT_ERRORS: dict[int, str] = {
-    400: "empty body, empty uploaded file, bad Content-Length or malformed multipart body",
-    413: "body larger than max_body_bytes, or an image with more pixels than max_image_pixels "
-         "(decompression bomb)",
-    415: "the bytes are not a decodable image (unknown format, corrupt or truncated)",
-    422: "multipart/form-data request without a 'file' field",
+    400: "empty body, empty uploaded file, bad Content-Length, malformed multipart or JSON body, bad base64",
+    401: "a token is configured and the request has no valid 'Authorization: Bearer <token>' header",
+    413: "body larger than max_body_bytes, more images than max_batch_images, or an image with more pixels "
+         "than max_image_pixels (decompression bomb)",
+    415: "an unsupported content type, or bytes that are not a decodable image (unknown format, corrupt, truncated)",
+    422: "multipart/form-data without a 'file' field, an image smaller than min_image_side, a bad mode or threshold",
 }
