@@ -24,8 +24,31 @@ def init_ray(params: Params):
         ray.init(address=address, logging_level=logging.WARNING)
     else:
         ray.init(num_cpus=params("ray.num_cpus"), resources=dict(params("ray.resources") or {}),
-                 include_dashboard=bool(params("ray.include_dashboard")), logging_level=logging.WARNING)
+                 include_dashboard=bool(params("ray.include_dashboard")), dashboard_port=_dashboard_port(),
+                 logging_level=logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one readable line per epoch instead of redrawn bars
     ctx.print_on_execution_start = False
     return ray
+
+
+def _dashboard_port(default: int = 8265) -> int:
+    """Ray's default dashboard port, or a free one when another Ray on this machine holds it.
+
+    Ray Train V2's PlacementGroupCleaner asks the dashboard (the State API) whether the training
+    controller is alive; another Ray's dashboard on the same port answers "unknown" and the run is
+    torn down. Two pipelines on one machine must each have their own.
+    """
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", default))
+            return default
+        except OSError:
+            pass
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    print(f"[resops] port {default} is taken (another Ray?): this Ray's dashboard listens on {port}", flush=True)
+    return port

@@ -22,7 +22,8 @@ from components.data.images import encode_png
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "prepare", "augment", "gan", "rebalance", "train", "prune", "evaluate", "promote"]
+STAGES = ["ingest", "prepare", "augment", "gan", "rebalance", "train", "prune", "evaluate", "promote", "calibrate"]
+AFTER_TRAIN = ["train", "prune", "evaluate", "promote", "calibrate"]
 TINY = {
     "data.dataset": "synthetic", "data.task": "multiclass",
     "data.synthetic": {"num_images": 160, "image_size": 32, "num_classes": 2, "imbalance": 0.7},
@@ -30,7 +31,8 @@ TINY = {
     "train.shuffle_buffer": 0, "prune.finetune_max_steps": 3, "evaluate.batch_size": 32,
     "gan.image_size": 16, "gan.epochs": 2, "gan.batch_size": 16, "gan.z_dim": 16, "gan.base_channels": 8,
     "gan.threads_per_worker": 1, "gan.quality.samples_per_class": 8, "gan.quality.image_size": 16,
-    "gan.quality.epochs": 2,
+    "gan.quality.epochs": 2, "prune.quantize.calibration_images": 32,
+    "serve.edge.num_replicas": 1, "serve.cloud.num_cpus": 0.5,
     # Promotion itself is tested in test_registry.py; here the tiny model must reach serving.
     "promote.gates": {"min_macro_f1": None, "min_gain_over_majority": None, "compare_metric": "macro_f1",
                       "max_regression": None},
@@ -94,11 +96,13 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     train = json.loads((proj / "metrics/train.json").read_text())
     assert train["epochs_run"] == 3 and train["resumed_from_epoch"] == 0
     assert len((proj / "plots/train_history.csv").read_text().strip().splitlines()) == 1 + 3
-    prune = json.loads((proj / "metrics/prune.json").read_text())
-    assert abs(prune["measured_sparsity"] - 0.5) < 0.01 and prune["file_bytes_edge"] < prune["file_bytes_full"]
-    assert prune["method"] == "unstructured" and (proj / "models/prune/model.npz").exists()
+    prune = json.loads((proj / "metrics/prune.json").read_text())  # the default edge model: structured + int8
+    assert prune["method"] == "structured" and prune["distill"]["enabled"]
+    assert abs(prune["macs_after"] / prune["macs_before"] - 0.5) < 0.05
+    assert prune["file_bytes_int8"] < prune["file_bytes_onnx"] / 3
     ev = json.loads((proj / "metrics/evaluate.json").read_text())
-    for model in ("full", "pruned"):
+    assert set(ev) == {"full", "pruned", "int8"}
+    for model in ("full", "pruned", "int8"):
         assert ev[model]["num_samples"] == report["num_prepared"] - sum(report["counts"]["train"].values()) \
             - sum(report["counts"]["val"].values())
         assert 0.0 <= ev[model]["macro_f1"] <= 1.0
@@ -106,11 +110,22 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     entry = registry["entries"][-1]
     assert registry["promoted"] == entry["version"] and entry["status"] == "promoted"
     assert entry["data_version"]["dvc_md5"], "the data version (DVC hash of data/prepared) is recorded"
-    assert (proj / "models/promoted/full.pt").exists() and (proj / "models/promoted/edge.npz").exists()
-    assert "pruned" in entry["metrics"]
+    for name in ("full.pt", "edge.pt", "edge_int8.onnx"):
+        assert (proj / "models/promoted" / name).exists(), name
+    assert "pruned" in entry["metrics"] and "int8" in entry["metrics"]
+    # calibrate: temperatures, a threshold in [0, 1] and the Serve config of the promoted models.
+    serve_metrics = json.loads((proj / "metrics/serve.json").read_text())
+    assert serve_metrics["edge_temperature"] > 0 and 0 <= serve_metrics["threshold"] <= 1
+    assert 0 <= serve_metrics["test_escalation_rate"] <= 1
+    from components.serve.config import load_serve_config
+
+    app = load_serve_config(proj / "models/serve/serve_config.yaml")["applications"][0]
+    assert app["args"]["model_version"] == entry["version"] and app["args"]["edge_onnx"].endswith("edge_int8.onnx")
+    assert app["args"]["threshold"] == serve_metrics["threshold"]
+    assert {d["name"] for d in app["deployments"]} == {"Router", "EdgeClassifier", "CloudClassifier"}
     # `dvc metrics show` reads the declared metrics files.
     shown = _run(["dvc", "metrics", "show", "--json"], proj, env)
-    assert "metrics/evaluate.json" in shown and "metrics/train.json" in shown
+    assert "metrics/evaluate.json" in shown and "metrics/train.json" in shown and "metrics/serve.json" in shown
 
 
 def test_second_repro_is_up_to_date(repro):
@@ -127,7 +142,7 @@ def test_changing_a_train_knob_reruns_train_and_later_stages_only(repro):
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "repro"], proj, env)
     out = _run(["dvc", "exp", "run", "-S", "train.epochs=2"], proj, env)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
-    assert ran == ["train", "prune", "evaluate", "promote"], out[-3000:]
+    assert ran == AFTER_TRAIN, out[-3000:]
     assert json.loads((proj / "metrics/train.json").read_text())["epochs_run"] == 2
 
 
@@ -171,8 +186,12 @@ def test_resops_serve_answers_over_http(repro):
         r = httpx.post(f"{base}/predict", content=_png(), headers={"content-type": "image/png"}, timeout=30)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["model_version"] == registry["promoted"]
+        assert body["model_versions"] == {"edge": registry["promoted"]} or body["escalated"]
+        assert set(body["model_versions"].values()) == {registry["promoted"]} and body["mode"] == "cascade"
         assert body["label"] in {"crack", "ok"} and abs(sum(body["probabilities"].values()) - 1) < 1e-4
+        for mode in ("edge", "cloud"):
+            r = httpx.post(f"{base}/predict", params={"mode": mode}, content=_png(), timeout=30)
+            assert r.status_code == 200 and r.json()["tier"] == mode, r.text
         r = httpx.post(f"{base}/predict", files={"file": ("cell.png", _png(), "image/png")}, timeout=30)
         assert r.status_code == 200 and r.json()["label"] in {"crack", "ok"}
         # Malformed inputs: a 4xx JSON error that names the problem, and the server stays up.
@@ -184,8 +203,9 @@ def test_resops_serve_answers_over_http(repro):
         # The CLI client prints the same answer.
         img = proj / "cell.png"
         img.write_bytes(_png())
-        cli = _run([sys.executable, "-m", "pipelines.cli", "predict", str(img), "--url", base], proj, env)
-        assert json.loads(cli)["label"] in {"crack", "ok"}
+        cli = _run([sys.executable, "-m", "pipelines.cli", "predict", str(img), "--url", base, "--mode", "cloud"],
+                   proj, env)
+        assert json.loads(cli)["label"] in {"crack", "ok"} and json.loads(cli)["tier"] == "cloud"
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -197,16 +217,18 @@ def test_resops_serve_answers_over_http(repro):
 @pytest.mark.parametrize("variant", ["se_resnet18", "resnet18_simam", "resnet18_k2"])
 def test_every_model_variant_trains_through_dvc_exp_run(repro, variant):
     proj, env, _ = repro
-    out = _run(["dvc", "exp", "run", "-S", f"model.name={variant}", "-S", "train.epochs=1"], proj, env)
+    out = _run(["dvc", "exp", "run", "-S", f"model.name={variant}", "-S", "train.epochs=1",
+                "-S", "prune.quantize.enabled=false"], proj, env)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
-    assert ran == ["train", "prune", "evaluate", "promote"], out[-3000:]
+    assert ran == AFTER_TRAIN, out[-3000:]
     train = json.loads((proj / "metrics/train.json").read_text())
     assert train["run_name"].startswith(f"train-{variant}-") and train["epochs_run"] == 1
     from components.models import load_model
 
-    for path in ("models/train/model.pt", "models/prune/model.npz"):  # the default edge model: unstructured
+    for path in ("models/train/model.pt", "models/prune/model.pt"):  # the default edge model: structured
         model, meta = load_model(proj / path)
         assert meta["model_name"] == variant and type(model).__name__ == "ResNet"
+    assert "structured" in meta  # every variant can be channel-pruned
     ev = json.loads((proj / "metrics/evaluate.json").read_text())
     assert ev["full"]["num_samples"] > 0 and 0 <= ev["pruned"]["macro_f1"] <= 1
 
@@ -216,7 +238,7 @@ def test_gan_strategy_runs_end_to_end(repro):
     out = _run(["dvc", "exp", "run", "-S", "rebalance.strategy=gan", "-S", "rebalance.target_ratio=1.0",
                 "-S", "train.epochs=1"], proj, env)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
-    assert ran == ["gan", "rebalance", "train", "prune", "evaluate", "promote"], out[-3000:]
+    assert ran == ["gan", "rebalance", *AFTER_TRAIN], out[-3000:]
     gan = json.loads((proj / "metrics/gan.json").read_text())
     assert gan["enabled"] and gan["epochs"] == 2 and gan["quality"]["fd"] >= 0
     assert (proj / "reports/gan/samples.png").stat().st_size > 0
@@ -237,25 +259,20 @@ def test_gan_strategy_runs_end_to_end(repro):
     assert ev["full"]["num_samples"] == int((prepared["split"] == "test").sum())
 
 
-def test_structured_int8_edge_model_with_distillation(repro):
-    """prune.method=structured with int8 quantization: the edge model has fewer MACs, is evaluated
-    as torch and as int8 ONNX, and is promoted next to the full model."""
+def test_unstructured_sparse_edge_model(repro):
+    """prune.method=unstructured: the edge model is a sparse file at the requested sparsity, served by torch."""
     proj, env, _ = repro
-    out = _run(["dvc", "exp", "run", "-S", "model.name=resnet18", "-S", "prune.method=structured",
-                "-S", "prune.structured.ratio=0.5", "-S", "prune.quantize.enabled=true",
-                "-S", "prune.quantize.calibration_images=32"], proj, env)
+    out = _run(["dvc", "exp", "run", "-S", "model.name=resnet18", "-S", "prune.method=unstructured",
+                "-S", "prune.sparsity=0.5", "-S", "prune.quantize.enabled=false"], proj, env)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
-    assert ran[-3:] == ["prune", "evaluate", "promote"], out[-3000:]
+    assert ran[-4:] == ["prune", "evaluate", "promote", "calibrate"], out[-3000:]
     prune = json.loads((proj / "metrics/prune.json").read_text())
-    assert prune["method"] == "structured" and prune["distill"]["enabled"]
-    assert abs(prune["macs_after"] / prune["macs_before"] - 0.5) < 0.05
-    assert prune["file_bytes_int8"] < prune["file_bytes_onnx"] / 3
+    assert prune["method"] == "unstructured" and abs(prune["measured_sparsity"] - 0.5) < 0.01
+    assert prune["file_bytes_edge"] < prune["file_bytes_full"] and (proj / "models/prune/model.npz").exists()
     ev = json.loads((proj / "metrics/evaluate.json").read_text())
-    assert set(ev) == {"full", "pruned", "int8"} and ev["int8"]["num_samples"] == ev["full"]["num_samples"]
-    from components.models import load_model
+    assert set(ev) == {"full", "pruned"}
+    assert (proj / "models/promoted/edge.npz").exists()
+    from components.serve.config import load_serve_config
 
-    model, meta = load_model(proj / "models/prune/model.pt")
-    assert "structured" in meta and model.layer1[0].conv1.out_channels < 64
-    registry = json.loads((proj / "models/registry.json").read_text())
-    assert registry["entries"][-1]["status"] == "promoted"  # the tiny params switch every gate off
-    assert (proj / "models/promoted/edge.pt").exists() and (proj / "models/promoted/edge_int8.onnx").exists()
+    args = load_serve_config(proj / "models/serve/serve_config.yaml")["applications"][0]["args"]
+    assert args["edge_model"].endswith("edge.npz") and "edge_onnx" not in args

@@ -122,6 +122,9 @@ def register_candidate(registry_path: str | Path, promoted_dir: str | Path, file
     }
     if decision.promote:
         promoted_dir.mkdir(parents=True, exist_ok=True)
+        for old in promoted_dir.iterdir():  # exactly one version's files: no stale edge model of another
+            if old.is_file():
+                old.unlink()
         stable = {}
         for role, src in files.items():
             dest = promoted_dir / f"{role}{Path(src).suffix}"
