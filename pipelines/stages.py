@@ -471,7 +471,8 @@ def calibrate(p: Params) -> dict:
     edge_onnx = Path(files["edge_int8"]) if use_onnx else None
     val = _split_logits(p, "val", Path(files["full"]), edge_model, edge_onnx)
     cal = calibrate_cascade(val["edge"], val["cloud"], val["labels"], target=c["target"], value=c["value"],
-                            temperature_scaling=c["temperature_scaling"], n_bins=c["ece_bins"])
+                            temperature_scaling=c["temperature_scaling"], n_bins=c["ece_bins"],
+                            confidence_level=c["confidence_level"])
     cal["edge_backend"] = "onnxruntime (int8)" if use_onnx else "torch"
     args = serve_args(p, PROMOTED, calibration=cal)
     threshold = args["threshold"]
@@ -494,6 +495,7 @@ def calibrate(p: Params) -> dict:
     _write_json(SERVE_DIR / "calibration.json", cal)
     write_serve_config(SERVE_DIR / "serve_config.yaml", config)
     metrics = {"threshold": float(threshold), "target": c["target"], "target_value": c["value"],
+               "confidence_level": c["confidence_level"],
                "edge_temperature": cal["edge"]["temperature"], "cloud_temperature": cal["cloud"]["temperature"],
                "edge_ece_before": cal["edge"]["ece_before"], "edge_ece_after": cal["edge"]["ece_after"],
                "cloud_ece_before": cal["cloud"]["ece_before"], "cloud_ece_after": cal["cloud"]["ece_after"],

@@ -270,3 +270,26 @@ def test_input_validation_messages():
         calibrate_cascade(z, np.zeros((5, 3)), np.array([0, 1, 2, 0]))
     with pytest.raises(ValueError, match="allowed targets"):
         calibrate_cascade(z, z, np.array([0, 1, 2, 0]), target="cost")
+
+
+def test_confidence_level_escalates_more_and_keeps_the_bound():
+    """With a bootstrap confidence level the threshold only rises (more escalation), the point-estimate
+    goal still holds, and the bound it reports is met where the point estimate alone would not be."""
+    rng = np.random.default_rng(7)
+    n = 300
+    y = rng.integers(0, 4, n)
+    conf = rng.uniform(0.3, 1.0, n)
+    # The edge is right more often when confident; the cloud is right 75% of the time.
+    edge_pred = np.where(rng.uniform(size=n) < conf, y, (y + 1) % 4)
+    cloud_pred = np.where(rng.uniform(size=n) < 0.75, y, (y + 2) % 4)
+    plain = choose_threshold(conf, edge_pred, cloud_pred, y, target="accuracy_drop", value=0.01)
+    safe = choose_threshold(conf, edge_pred, cloud_pred, y, target="accuracy_drop", value=0.01,
+                            confidence_level=0.9)
+    assert plain["confidence_level"] is None and safe["confidence_level"] == 0.9
+    assert safe["threshold"] > plain["threshold"] and safe["escalation_rate"] > plain["escalation_rate"]
+    assert safe["cascade_accuracy"] >= safe["cloud_accuracy"] - 0.01
+    safer = choose_threshold(conf, edge_pred, cloud_pred, y, target="accuracy_drop", value=0.01,
+                             confidence_level=0.99)
+    assert safer["threshold"] >= safe["threshold"]
+    with pytest.raises(ValueError, match="confidence_level"):
+        choose_threshold(conf, edge_pred, cloud_pred, y, target="accuracy", value=0.7, confidence_level=1.0)
