@@ -13,13 +13,99 @@ def _params(args):
     return load_params(args.params, args.set)
 
 
+def _stage_names(stages: list[str]) -> list[str]:
+    from pipelines.stages import STAGES
+
+    if "all" in stages:
+        if len(stages) > 1:
+            raise ValueError("'all' runs every stage: name no other stage with it")
+        return list(STAGES)
+    return list(stages)
+
+
 def cmd_run(args) -> int:
+    """Run stages here, or (stages listed in ``cluster.submit``, outside a cluster job) as a Ray job."""
+    import os
+
+    from pipelines import submit
     from pipelines.stages import STAGES
 
     params = _params(args)
-    names = list(STAGES) if args.stage == "all" else [args.stage]
-    for name in names:
-        STAGES[name](params)
+    names = _stage_names(args.stages)
+    remote = set(params("cluster.submit") or [])
+    if "all" in remote:
+        remote = set(STAGES)
+    if args.local or os.environ.get(submit.IN_JOB_ENV):
+        remote = set()
+    i = 0
+    while i < len(names):
+        j = i
+        while j < len(names) and (names[j] in remote) == (names[i] in remote):
+            j += 1
+        group = names[i:j]
+        if names[i] in remote:
+            _, rc = submit.submit(group, params, address=submit.cluster_address(None, params), overrides=args.set,
+                                  params_file=args.params)
+            if rc:
+                return rc
+        else:
+            for name in group:
+                STAGES[name](params)
+        i = j
+    if args.export:
+        copied = submit.export_outputs(".", names, args.export)
+        print(f"[resops] exported {len(copied)} output(s) to {args.export}", flush=True)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    from pipelines import submit
+
+    params = _params(args)
+    _, rc = submit.submit(_stage_names(args.stages), params, address=submit.cluster_address(args.address, params),
+                          overrides=args.set, params_file=args.params, wait=not args.no_wait,
+                          fetch=not args.no_fetch)
+    return rc
+
+
+def _job_client(args):
+    from pipelines import submit
+
+    return submit.client(submit.cluster_address(args.address, _params(args)))
+
+
+def cmd_status(args) -> int:
+    info = _job_client(args).get_job_info(args.job)
+    record = {"job": info.submission_id, "status": str(info.status.value), "message": info.message,
+              "entrypoint": info.entrypoint, "metadata": info.metadata, "start_time": info.start_time,
+              "end_time": info.end_time, "driver_exit_code": getattr(info, "driver_exit_code", None)}
+    print(json.dumps(record, indent=2) if args.json else f"{record['job']}: {record['status']}"
+          + (f" ({record['message']})" if record["message"] else ""))
+    return {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 1}.get(record["status"], 0)
+
+
+def cmd_logs(args) -> int:
+    from pipelines import submit
+
+    jc = _job_client(args)
+    if args.follow:
+        status = submit.follow(jc, args.job)
+        return 0 if status == "SUCCEEDED" else 1
+    print(jc.get_job_logs(args.job), end="")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    stopped = _job_client(args).stop_job(args.job)
+    print(f"{args.job}: {'stop requested' if stopped else 'already finished'}")
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    jobs = sorted(_job_client(args).list_jobs(), key=lambda j: j.start_time or 0)
+    for j in jobs:
+        if j.submission_id:
+            print(f"{j.submission_id}\t{j.status.value}\t{(j.metadata or {}).get('resops_stages', j.entrypoint)}")
     return 0
 
 
@@ -89,9 +175,36 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipelines.stages import STAGES
 
-    r = sub.add_parser("run", help="run a pipeline stage (what each DVC stage calls)")
-    r.add_argument("stage", choices=[*STAGES, "all"])
+    r = sub.add_parser("run", help="run pipeline stages (what each DVC stage calls); stages in cluster.submit "
+                                   "run as a job on the cluster")
+    r.add_argument("stages", nargs="+", choices=[*STAGES, "all"], metavar="STAGE",
+                   help=f"one or more of {', '.join(STAGES)}, or all")
+    r.add_argument("--local", action="store_true", help="run here even if cluster.submit lists the stage")
+    r.add_argument("--export", metavar="URI", help="afterwards copy the stages' outputs to this path or s3:// URI")
     r.set_defaults(func=cmd_run)
+
+    address = dict(help="Ray cluster (Jobs API), e.g. http://127.0.0.1:8265; default $RESOPS_CLUSTER_ADDRESS, "
+                        "cluster.address, then Ray's RAY_ADDRESS")
+    sb = sub.add_parser("submit", help="run pipeline stages as one Ray job on a cluster: upload the project, "
+                                       "stream the logs, fetch the outputs, exit with the job's status")
+    sb.add_argument("stages", nargs="+", choices=[*STAGES, "all"], metavar="STAGE")
+    sb.add_argument("--address", **address)
+    sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
+    sb.add_argument("--no-fetch", action="store_true", help="leave the outputs in cluster.artifacts")
+    sb.set_defaults(func=cmd_submit)
+    for name, func, helptext in (("status", cmd_status, "a job's status (exit 1 if it failed)"),
+                                 ("logs", cmd_logs, "a job's logs"), ("stop", cmd_stop, "stop a job")):
+        jp = sub.add_parser(name, help=helptext)
+        jp.add_argument("job", help="submission id (printed by resops submit)")
+        jp.add_argument("--address", **address)
+        if name == "status":
+            jp.add_argument("--json", action="store_true")
+        if name == "logs":
+            jp.add_argument("-f", "--follow", action="store_true", help="stream until the job ends; exit with its status")
+        jp.set_defaults(func=func)
+    jl = sub.add_parser("jobs", help="the cluster's resops jobs")
+    jl.add_argument("--address", **address)
+    jl.set_defaults(func=cmd_jobs)
 
     s = sub.add_parser("serve", help="serve the promoted models (edge + cloud tiers) with Ray Serve (127.0.0.1 by default)")
     s.add_argument("--config", default="models/serve/serve_config.yaml",
@@ -116,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (FileNotFoundError, KeyError, ValueError, CheckpointError) as exc:
+    except (FileNotFoundError, KeyError, ValueError, CheckpointError, ConnectionError) as exc:
         print(f"resops {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
@@ -72,13 +72,13 @@ def augment(p: Params) -> dict:
     from components.data.shards import read_shards, write_shards
     from components.train.trainer import augment_batch
 
-    init_ray(p)
-    import ray.data
-
     train = read_shards(PREPARED / "shards", split="train")
     parts = [train]
     copies = int(p("augment.offline_copies"))
     if copies > 0 and p("augment.policy") not in (None, "none"):
+        init_ray(p)  # only when there is work for Ray Data
+        import ray.data
+
         ds = ray.data.from_pandas(train).map_batches(
             augment_batch, batch_format="numpy", batch_size=64, num_cpus=p("augment.cpus_per_task"),
             fn_kwargs=dict(policy=p("augment.policy"), output="png", copies=copies, seed=p("seed"),
@@ -127,7 +127,7 @@ def gan(p: Params) -> dict:
                     z_dim=g["z_dim"], base_channels=g["base_channels"], d_steps=g["d_steps"], seed=p("seed"),
                     num_workers=g["num_workers"], cpus_per_worker=g["cpus_per_worker"],
                     threads_per_worker=g["threads_per_worker"], keep_checkpoints=g["keep_checkpoints"],
-                    storage_path=Path(g["storage_path"]).resolve(), max_pixels=p("data.max_image_pixels"))
+                    storage_path=g["storage_path"], max_pixels=p("data.max_image_pixels"))
     grid = save_sample_grid(res.generator_path, real, GAN_REPORTS / "samples.png", seed=p("seed"))
     q = g["quality"]
     fakes = generate(res.generator_path, {k: int(q["samples_per_class"]) for k in range(len(prep["class_names"]))},
@@ -209,7 +209,7 @@ def train(p: Params) -> dict:
     last = res.history[-1]
     summary = {**{k: v for k, v in last.items() if k != "start_epoch"}, "epochs_run": len(res.history),
                "resumed_from_epoch": max(h["start_epoch"] for h in res.history), "wall_seconds": time.time() - t0,
-               "run_name": res.run_dir.name, "pretrained": transfer}
+               "run_name": PurePosixPath(str(res.run_dir)).name, "pretrained": transfer}
     _write_json(METRICS / "train.json", summary)
     PLOTS.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(res.history).to_csv(PLOTS / "train_history.csv", index=False)

@@ -12,6 +12,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# The S3 stand-in of tests/test_storage.py (moto) stores aws-chunked uploads with their framing when
+# the AWS SDK adds a trailing checksum; real S3 and MinIO do not. Set before Ray starts, so its
+# workers (Ray Train writing checkpoints to s3://) inherit it.
+os.environ.setdefault("AWS_REQUEST_CHECKSUM_CALCULATION", "when_required")
+os.environ.setdefault("AWS_RESPONSE_CHECKSUM_VALIDATION", "when_required")
 
 
 def free_port() -> int:

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from components import storage as _storage
 from components.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
 
 GENERATOR_FILE = "generator.pt"
@@ -311,7 +312,7 @@ class GanResult:
     generator_path: Path
     version: str
     history: list[dict]
-    run_dir: Path
+    run_dir: Path | str  # a local directory, or a URI when the storage path is one
     meta: dict
 
 
@@ -370,14 +371,14 @@ def train_gan(frame_or_shards: pd.DataFrame | str | os.PathLike | Sequence[str],
                num_workers=int(num_workers), epochs=int(epochs), threads_per_worker=int(threads_per_worker),
                steps_per_epoch=max(1, rows // (bs * num_workers)), class_names=names)
     name = run_name or gan_run_name(cfg, digest)
-    storage = Path(storage_path).resolve()
+    storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...)
     cfg["data"] = ray.put({"images": images, "labels": labels})
     trainer = TorchTrainer(
         gan_loop_per_worker, train_loop_config=cfg,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=False,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage),
+            name=name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
     )
@@ -403,7 +404,8 @@ def train_gan(frame_or_shards: pd.DataFrame | str | os.PathLike | Sequence[str],
     torch.save({"state_dict": weights, "meta": meta}, tmp_path)
     os.replace(tmp_path, path)
     (out / "gan.json").write_text(json.dumps({"meta": meta, "history": history}, indent=2))
-    return GanResult(path, version, history, storage / name, meta)
+    run_dir = _storage.join(storage, name)
+    return GanResult(path, version, history, run_dir if _storage.is_uri(run_dir) else Path(run_dir), meta)
 
 
 # ----------------------------------------------------------------------------- use

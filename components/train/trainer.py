@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from components import storage as _storage
 from components.augment.operator import AugmentOperator
 from components.data.shards import shard_files
 from components.train.loop import MODEL_FILE, STATE_FILE, train_loop_per_worker
@@ -67,7 +68,7 @@ def run_name(cfg: dict, data_digest: str) -> str:
 class TrainResult:
     model_path: Path
     history: list[dict]
-    run_dir: Path
+    run_dir: Path | str  # a local directory, or a URI when the storage path is one
 
 
 def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str | Path, out_model: str | Path, *,
@@ -90,13 +91,13 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         "train": image_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
         "val": image_dataset(val_dir, "val", policy=None, seed=None, **common),
     }
-    storage = Path(storage_path).resolve()
+    storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...): Ray Train handles both
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=cfg, datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg["run_name"], storage_path=str(storage),
+            name=cfg["run_name"], storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
     )
@@ -108,4 +109,5 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         out_model.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(Path(d) / MODEL_FILE, out_model)
         history = json.loads(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)["history"])
-    return TrainResult(out_model, history, storage / cfg["run_name"])
+    run_dir = _storage.join(storage, cfg["run_name"])
+    return TrainResult(out_model, history, run_dir if _storage.is_uri(run_dir) else Path(run_dir))
