@@ -41,7 +41,22 @@ def filesystem(location: str | os.PathLike):
 
     if not is_uri(location):
         return pafs.LocalFileSystem(), resolve(location)
-    return pafs.FileSystem.from_uri(str(location))
+    fs, path = pafs.FileSystem.from_uri(str(location))
+    if isinstance(fs, pafs.S3FileSystem):
+        # Look before writing a directory marker: S3-compatible stores differ in how they answer a
+        # marker that already exists (some refuse the conditional write), and it saves requests.
+        # from_uri has no query option for it; the filesystem's own pickling state has every option.
+        reconstruct, (options,) = fs.__reduce__()
+        fs = reconstruct({**options, "check_directory_existence_before_creation": True})
+    return fs, path
+
+
+def ray_storage(location: str | os.PathLike) -> dict:
+    """``storage_path`` (and ``storage_filesystem`` for a URI) for a Ray Train ``RunConfig``."""
+    if not is_uri(location):
+        return {"storage_path": resolve(location)}
+    fs, path = filesystem(location)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def exists(location: str | os.PathLike) -> bool:
@@ -63,13 +78,31 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike) -> None:
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"nothing to copy at {src}")
     delete(dst)
-    if info.type == pafs.FileType.Directory:
-        dst_fs.create_dir(dst_path, recursive=True)
-    else:
-        parent = str(PurePosixPath(dst_path).parent)
-        if parent:
-            dst_fs.create_dir(parent, recursive=True)
-    pafs.copy_files(src_path, dst_path, source_filesystem=src_fs, destination_filesystem=dst_fs)
+    if info.type == pafs.FileType.File:
+        _copy_file(src_fs, src_path, dst_fs, dst_path)
+        return
+    _make_parent(dst_fs, str(PurePosixPath(dst_path) / "x"))
+    for item in src_fs.get_file_info(pafs.FileSelector(src_path, recursive=True)):
+        if item.type == pafs.FileType.File:
+            rel = PurePosixPath(item.path).relative_to(PurePosixPath(src_path))
+            _copy_file(src_fs, item.path, dst_fs, str(PurePosixPath(dst_path) / rel))
+
+
+def _make_parent(fs, path: str) -> None:
+    # Object stores have no directories to make (and some refuse the marker objects pyarrow would
+    # write); a local filesystem needs them.
+    if fs.type_name == "local":
+        fs.create_dir(str(PurePosixPath(path).parent), recursive=True)
+
+
+def _copy_file(src_fs, src_path: str, dst_fs, dst_path: str, chunk: int = 8 << 20) -> None:
+    _make_parent(dst_fs, dst_path)
+    with src_fs.open_input_stream(src_path) as r, dst_fs.open_output_stream(dst_path) as w:
+        while True:
+            block = r.read(chunk)
+            if not block:
+                break
+            w.write(block)
 
 
 def delete(location: str | os.PathLike) -> None:
@@ -92,8 +125,6 @@ def read_text(location: str | os.PathLike) -> str:
 
 def write_text(location: str | os.PathLike, text: str) -> None:
     fs, path = filesystem(location)
-    parent = str(PurePosixPath(path).parent)
-    if parent:
-        fs.create_dir(parent, recursive=True)
+    _make_parent(fs, path)
     with fs.open_output_stream(path) as f:
         f.write(text.encode())

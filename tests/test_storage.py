@@ -33,7 +33,7 @@ def s3():
     server.start()
     try:
         base = f"s3://resops-test/run?endpoint_override=127.0.0.1:{port}&scheme=http&region=us-east-1"
-        fs, _ = storage.filesystem(base)
+        fs, _ = storage.filesystem(base + "&allow_bucket_creation=true")
         fs.create_dir("resops-test")  # the bucket
         yield base
     finally:

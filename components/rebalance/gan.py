@@ -378,7 +378,7 @@ def train_gan(frame_or_shards: pd.DataFrame | str | os.PathLike | Sequence[str],
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=False,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=name, storage_path=storage,
+            name=name, **_storage.ray_storage(storage),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
     )

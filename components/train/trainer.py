@@ -97,7 +97,7 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(
-            name=cfg["run_name"], storage_path=storage,
+            name=cfg["run_name"], **_storage.ray_storage(storage),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
     )
