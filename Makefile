@@ -21,7 +21,7 @@ run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/dvc repro
 
 test: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=25
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/train_throughput.py

@@ -81,7 +81,14 @@ def upload_excludes(root: str | os.PathLike, stages: list[str], params=None, ext
     unknown = [s for s in stages if s not in spec]
     if unknown:
         raise ValueError(f"not stages of dvc.yaml: {unknown} (stages: {list(spec)})")
-    needed = {_norm(d) for s in stages for d in spec[s].deps} | {_norm(p) for s in stages for p in spec[s].persist}
+    def covers(paths, path):
+        return any(path == q or path.startswith(q + "/") for q in paths)
+
+    needed, produced = set(), set()
+    for name in [s for s in spec if s in stages]:  # pipeline order: what an earlier stage of the job makes stays home
+        needed |= {d for d in map(_norm, spec[name].deps) if not covers(produced, d)}
+        needed |= {_norm(p) for p in spec[name].persist}
+        produced |= {_norm(o) for o in spec[name].outs}
     excludes = list(ALWAYS_EXCLUDE)
     for name, io in spec.items():
         for out in io.outs:

@@ -189,7 +189,7 @@ def test_training_survives_the_loss_of_a_worker_node(cluster, project, tmp_path)
     the other node from that checkpoint and finishes."""
     from ray.util.state import list_nodes
 
-    epochs = 5
+    epochs = 4
     ckpt = tmp_path / "shared-checkpoints"  # the cluster's shared storage (same disk for every node here)
     cmd = [str(BIN / "resops"), "-S", f"train.epochs={epochs}", "-S", f"train.storage_path={ckpt}",
            "-S", "cluster.submit=[train]", "run", "train"]

@@ -546,14 +546,14 @@ def test_rayjob_entrypoint_runs_resops_commands_that_exist(overlay, monkeypatch)
     ran = []
     for argv in commands:
         if argv[0] == "resops":
-            ran += [c.stage for c in _resops_cli_accepts(argv[1:], monkeypatch)]
+            ran += [s for c in _resops_cli_accepts(argv[1:], monkeypatch) for s in c.stages]
         elif argv[:2] == ["dvc", "repro"]:
             targets = [a for a in argv[2:] if not a.startswith("-")]
             assert not targets, f"the job reproduces the whole pipeline, not {targets}"
             for stage in dvc_yaml.values():
                 cmd = shlex.split(stage["cmd"])
                 assert cmd[0] == "resops", stage["cmd"]
-                ran += [c.stage for c in _resops_cli_accepts(cmd[1:], monkeypatch)]
+                ran += [s for c in _resops_cli_accepts(cmd[1:], monkeypatch) for s in c.stages]
         else:
             assert argv[:2] == ["dvc", "push"], f"unexpected command {argv}"
     assert (set(STAGES) if "all" in ran else set(ran)) == set(STAGES), "the job runs the whole pipeline"

@@ -214,7 +214,11 @@ def test_resops_serve_answers_over_http(repro):
             proc.kill()
 
 
-@pytest.mark.parametrize("variant", ["se_resnet18", "resnet18_simam", "resnet18_k2"])
+# One variant through the whole DVC path in CI; the others (built, trained, pruned and exported in
+# tests/test_models.py, channel-pruned in tests/test_compress.py) take this path in the slow run.
+@pytest.mark.parametrize("variant", ["se_resnet18",
+                                     pytest.param("resnet18_simam", marks=pytest.mark.slow),
+                                     pytest.param("resnet18_k2", marks=pytest.mark.slow)])
 def test_every_model_variant_trains_through_dvc_exp_run(repro, variant):
     proj, env, _ = repro
     out = _run(["dvc", "exp", "run", "-S", f"model.name={variant}", "-S", "train.epochs=1",
