@@ -24,7 +24,7 @@ mean and std over seeds.
 
     python benchmarks/rebalance.py [--strategies none,class_weight,...] [--epochs 6] [--image-size 64]
         [--seeds 42,43,44] [--target-ratio 0.35] [--gan-epochs 60] [--gan-image-size 32]
-        [--max-train-images N] [--work DIR] [--out FILE]
+        [--max-train-images N] [--work DIR] [--out FILE] [--resume EARLIER.json]
 
 Prints a Markdown table and writes benchmarks/results/rebalance.json (and, when a strategy uses
 the GAN, benchmarks/results/rebalance_gan_samples.png).
@@ -232,6 +232,10 @@ def main() -> None:
                     help="work dir: prepared ELPV is cached there and each run's models and generator kept; "
                          "default a temp dir")
     ap.add_argument("--out", default=str(RESULTS / "rebalance.json"))
+    ap.add_argument("--resume", default=None, metavar="JSON",
+                    help="an earlier result (a .partial.json too) of the same settings: its runs are kept, its "
+                         "generator is reused when its file still exists, and only the missing seed x strategy "
+                         "runs are trained")
     ap.add_argument("--samples-png", default=None,
                     help="GAN sample grid; default <out dir>/<out stem>_gan_samples.png")
     args = ap.parse_args()
@@ -285,10 +289,30 @@ def main() -> None:
                   "environment": env, "gan": None,
                   "results": {s["label"]: {"spec": s, "runs": []} for s in specs}}
 
+        generator = None
+        if args.resume:
+            prev = json.loads(Path(args.resume).read_text())
+            same = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples -> lists, as stored)
+            differ = [k for k in settings if k != "seeds" and same(settings[k]) != prev["settings"].get(k)]
+            if differ:
+                ap.error(f"--resume {args.resume}: settings differ ({', '.join(differ)}); results would not compare")
+            for label, r in prev["results"].items():
+                result["results"][label]["runs"] = [run for run in r["runs"] if run["seed"] in seeds]
+            if uses_gan and prev.get("gan") and Path(prev["gan"]["generator_path"]).exists():
+                from components.rebalance.gan import save_sample_grid
+
+                result["gan"] = prev["gan"]
+                generator = Path(prev["gan"]["generator_path"])
+                result["gan"]["sample_grid"] = str(save_sample_grid(generator, train, grid_path,
+                                                                    seed=prev["gan"]["settings"]["seed"]))
+                say(f"reusing generator {prev['gan']['version'][:12]} of {args.resume}; samples {grid_path}")
+            kept = sum(len(r["runs"]) for r in result["results"].values())
+            result["resumed_from"] = {"file": str(args.resume), "runs_kept": kept, "environment": prev["environment"]}
+            say(f"resuming {args.resume}: {kept} run(s) kept")
+
         start_ray()
         try:
-            generator = None
-            if uses_gan:
+            if uses_gan and generator is None:
                 result["gan"] = train_generator(train, names, run_dir, grid_path, args.gan_image_size,
                                                 args.gan_epochs, args.gan_seed)
                 generator = Path(result["gan"]["generator_path"])
@@ -296,6 +320,8 @@ def main() -> None:
             for seed in seeds:
                 for spec in specs:
                     label = spec["label"]
+                    if any(run["seed"] == seed for run in result["results"][label]["runs"]):
+                        continue  # kept from --resume
                     shards = run_dir / f"train-{label.replace('+', '_').replace('@', '_r')}-s{seed}"
                     data = rebalanced_shards(train, shards, len(names), spec, seed, generator, args.image_size,
                                              smote)
