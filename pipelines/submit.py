@@ -211,7 +211,12 @@ def submit(stages: list[str], params, *, root: str | os.PathLike = ".", address:
     print(f"[resops] submitted {sid}: {' '.join(stages)} on {jc.get_address()}", file=out, flush=True)
     if not wait:
         return sid, 0
-    status = follow(jc, sid, out=out)
+    try:
+        status = follow(jc, sid, out=out)
+    except KeyboardInterrupt:  # the job is the cluster's: leaving the stream does not stop it
+        print(f"\n[resops] stopped following {sid}; it keeps running: `resops logs -f {sid}` to follow again, "
+              f"`resops stop {sid}` to stop it", file=out, flush=True)
+        return sid, 130
     if status != "SUCCEEDED":
         info = jc.get_job_info(sid)
         print(f"[resops] job {sid} {status}: {info.message or ''}", file=out, flush=True)
