@@ -21,12 +21,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-import yaml
 
 from tests.conftest import free_port
-from tests.test_pipeline_e2e import TINY, _set
+from tests.test_pipeline_e2e import copy_pipeline
 
-ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 WORKERS = 2
 
@@ -112,17 +110,8 @@ def project(tmp_path_factory, cluster):
     """A project with this repo's pipeline and tiny params whose data stages ran here (they need no
     Ray): what a user has before sending training to the cluster."""
     proj = tmp_path_factory.mktemp("clusterproj")
-    for item in ("dvc.yaml", "components", "pipelines"):
-        src = ROOT / item
-        (shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
-         if src.is_dir() else shutil.copy2(src, proj / item))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for k, v in TINY.items():
-        _set(params, k, v)
-    _set(params, "augment.offline_copies", 0)
-    _set(params, "cluster.address", cluster["dashboard"])
-    _set(params, "cluster.artifacts", str(proj.parent / f"{proj.name}-artifacts"))
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    copy_pipeline(proj, {"augment.offline_copies": 0, "cluster.address": cluster["dashboard"],
+                         "cluster.artifacts": str(proj.parent / f"{proj.name}-artifacts")})
     out = subprocess.run([str(BIN / "resops"), "run", "ingest", "prepare", "augment", "gan", "rebalance"], cwd=proj,
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -58,18 +58,23 @@ def _digest(path: Path) -> dict[str, str]:
             for p in sorted(path.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, ray_address):
-    """A fresh git + DVC project holding this repo's pipeline, with tiny params."""
-    proj = tmp_path_factory.mktemp("project")
+def copy_pipeline(proj: Path, params: dict | None = None) -> None:
+    """This repo's pipeline (dvc.yaml, code) into ``proj``, with params.yaml = TINY + ``params``."""
     for item in ("dvc.yaml", "components", "pipelines"):
         src = ROOT / item
         (shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
          if src.is_dir() else shutil.copy2(src, proj / item))
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    for k, v in TINY.items():
-        _set(params, k, v)
-    (proj / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    tree = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for k, v in {**TINY, **(params or {})}.items():
+        _set(tree, k, v)
+    (proj / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory, ray_address):
+    """A fresh git + DVC project holding this repo's pipeline, with tiny params."""
+    proj = tmp_path_factory.mktemp("project")
+    copy_pipeline(proj)
     shutil.copytree(ROOT / ".dvc", proj / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
     env = dict(os.environ, RAY_ADDRESS=ray_address, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     _run(["git", "init", "-q"], proj, env)
