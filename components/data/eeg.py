@@ -9,6 +9,9 @@ Sources
   seizure-free intervals), S = ``ictal`` (seizure activity). :func:`read_bonn` reads a folder of that
   layout for one of the :data:`BONN_TASKS`; :func:`bonn_records` only lists the files (the
   ``Records`` shape the dataset registry in :mod:`components.data.sources` uses).
+* **EDF / EDF+ / BDF** (pyEDFlib): :func:`read_edf_file` reads one channel of a recording;
+  :func:`read_edf_folder` reads ``<class>/<file>.edf`` recordings cut into equal windows, grouped by
+  recording.
 * **NumPy**: a ``.npz`` with ``signals`` (N, T), ``labels`` (N,) and optional ``fs`` and
   ``class_names`` (:func:`read_eeg_npz`).
 * **Synthetic** (:func:`synthetic_eeg`, :func:`synthetic_bonn`, :func:`write_bonn_layout`): signals of
@@ -293,6 +296,100 @@ def read_eeg_npz(path: str | Path, *, fs: float | None = None) -> EEGDataset:
         "attrs": [json.dumps({"index": i, "fs": rate}) for i in range(n)],
     })
     return EEGDataset(signals.astype(np.float32), labels.astype(np.int64), class_names, float(rate), frame)
+
+
+# ------------------------------------------------------------------------------------------ EDF
+def read_edf_file(path: str | Path, channel: str | int | None = None) -> tuple[np.ndarray, float, str]:
+    """One channel of an EDF/EDF+ (or BDF) file, read with pyEDFlib: ``(signal float32 in physical
+    units, sampling rate in Hz, channel label)``.
+
+    ``channel`` is a label (case-insensitive, surrounding spaces ignored), an index, or ``None`` for
+    a file with exactly one signal. Errors name the file: not an EDF file, no such channel, an
+    empty channel, non-finite samples.
+    """
+    import pyedflib
+
+    path = Path(path)
+    try:
+        reader = pyedflib.EdfReader(str(path))
+    except OSError as exc:
+        raise EEGFormatError(f"{path}: not a readable EDF/BDF file ({exc})", str(path)) from None
+    try:
+        labels = [lab.strip() for lab in reader.getSignalLabels()]
+        if channel is None:
+            if len(labels) != 1:
+                raise EEGFormatError(f"{path}: {len(labels)} channels {labels}; choose one (a label or an index)",
+                                     str(path))
+            index = 0
+        elif isinstance(channel, (int, np.integer)) and not isinstance(channel, bool):
+            if not 0 <= int(channel) < len(labels):
+                raise EEGFormatError(f"{path}: channel index {channel} is out of range (0..{len(labels) - 1})",
+                                     str(path))
+            index = int(channel)
+        else:
+            wanted = str(channel).strip().lower()
+            matches = [i for i, lab in enumerate(labels) if lab.lower() == wanted]
+            if not matches:
+                raise EEGFormatError(f"{path}: no channel {channel!r} (channels: {labels})", str(path))
+            index = matches[0]
+        fs = float(reader.getSampleFrequency(index))
+        signal = reader.readSignal(index).astype(np.float64)
+    finally:
+        reader.close()
+    if signal.size == 0:
+        raise EEGFormatError(f"{path}: channel {labels[index]!r} holds no samples", str(path))
+    if not np.isfinite(signal).all():
+        raise EEGFormatError(f"{path}: channel {labels[index]!r} has non-finite samples", str(path))
+    if not fs > 0:
+        raise EEGFormatError(f"{path}: channel {labels[index]!r} has sampling rate {fs}", str(path))
+    return signal.astype(np.float32), fs, labels[index]
+
+
+def read_edf_folder(root: str | Path, *, channel: str | int | None = None, window: int, overlap: int = 0,
+                    class_names: Sequence[str] | None = None) -> EEGDataset:
+    """Recordings as ``root/<class>/<file>.edf`` (``.bdf`` too), cut into segments of ``window``
+    samples (``overlap`` shared between neighbours; the tail shorter than a window is dropped).
+
+    Every segment's ``group`` is its recording, so splits keep all segments of one recording on
+    the same side. All files must share one sampling rate. ``class_names`` fixes the class order
+    (default: the folder names, sorted).
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"EDF root {root} is not a directory")
+    found = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = list(class_names) if class_names is not None else found
+    missing = [c for c in names if c not in found]
+    if missing or not names:
+        raise FileNotFoundError(f"{root}: class folder(s) {missing or '(none)'} not found (folders: {found})")
+    signals, rows, errors, rates = [], [], [], {}
+    for label, cls in enumerate(names):
+        files = sorted(f for f in (root / cls).rglob("*") if f.is_file() and f.suffix.lower() in (".edf", ".bdf"))
+        for f in files:
+            rel = f.relative_to(root).as_posix()
+            try:
+                signal, fs, chan = read_edf_file(f, channel)
+                if signal.size < window:
+                    raise EEGFormatError(f"{rel}: {signal.size} samples, shorter than one window of {window}", rel)
+            except EEGFormatError as exc:
+                errors.append({"path": rel, "line": None, "reason": str(exc)})
+                continue
+            rates.setdefault(fs, rel)
+            segs = segment(signal, window, overlap)
+            signals.append(segs)
+            rows += [{"path": f"{rel}#{i}", "label": label, "group": rel, "stratify": label,
+                      "attrs": json.dumps({"segment": i, "channel": chan, "fs": fs})} for i in range(len(segs))]
+    if errors:
+        raise EEGFormatError(f"{len(errors)} EDF file(s) under {root} could not be used: "
+                             + "; ".join(e["reason"] for e in errors[:10]), errors[0]["path"], None, errors)
+    if len(rates) > 1:
+        raise ValueError(f"{root}: files have different sampling rates {dict((r, p) for r, p in rates.items())}: "
+                         "resample them to one rate first")
+    empty = [c for k, c in enumerate(names) if not any(r["label"] == k for r in rows)]
+    if empty:
+        raise ValueError(f"{root}: no EDF recording for class(es) {empty}")
+    return EEGDataset(np.concatenate(signals).astype(np.float32), np.array([r["label"] for r in rows], np.int64),
+                      names, float(next(iter(rates))), pd.DataFrame(rows))
 
 
 # ------------------------------------------------------------------------------------ synthetic
