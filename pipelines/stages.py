@@ -187,14 +187,18 @@ def train(p: Params) -> dict:
         "freeze_backbone_epochs": p("train.freeze_backbone_epochs"), "backbone_lr_scale": p("train.backbone_lr_scale"),
         "pretrained": None,
     }
+    from components.models import create_model
+
+    # Built once here, before any Ray worker starts: an unknown variant or a bad option fails the
+    # stage at once instead of in every retried worker.
+    model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg["model_kwargs"])
     transfer = None
     if p("model.pretrained"):
-        from components.models import create_model, load_pretrained
+        from components.models import load_pretrained
 
-        # Checked here, before any Ray worker starts: a missing or malformed file fails the stage at once.
+        # Checked here too: a missing or malformed file fails the stage at once.
         path = Path(p("model.pretrained")).expanduser().resolve()
-        report = load_pretrained(create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"],
-                                              **cfg["model_kwargs"]), path, in_chans=cfg["in_chans"])
+        report = load_pretrained(model, path, in_chans=cfg["in_chans"])
         _say(report.summary())
         cfg["pretrained"] = str(path)
         transfer = {"path": str(path), "loaded": len(report.loaded), "adapted": report.adapted,
@@ -461,13 +465,13 @@ def calibrate(p: Params) -> dict:
     import torch
 
     from components.evaluate.calibration import calibrate_cascade, expected_calibration_error, softmax
-    from components.serve.config import build_serve_config, serve_args, write_serve_config
+    from components.serve.config import build_serve_config, edge_uses_onnx, serve_args, write_serve_config
 
     torch.set_num_threads(p("train.threads_per_worker"))
     c = p("serve.cascade")
     files = json.loads((PROMOTED / "model.json").read_text())["files"]
     edge_model = Path(files.get("edge", files["full"]))
-    use_onnx = p("serve.edge.backend") in ("auto", "onnx") and "edge_int8" in files
+    use_onnx = edge_uses_onnx(p("serve.edge.backend"), files)  # the rule the served app follows
     edge_onnx = Path(files["edge_int8"]) if use_onnx else None
     val = _split_logits(p, "val", Path(files["full"]), edge_model, edge_onnx)
     cal = calibrate_cascade(val["edge"], val["cloud"], val["labels"], target=c["target"], value=c["value"],

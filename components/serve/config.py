@@ -162,6 +162,17 @@ def _deploy_error(name: str, app_status) -> Exception:
     return RuntimeError(f"deploying {name!r} failed: {last[-1] if last else 'unknown reason'}")
 
 
+def edge_uses_onnx(backend: str, files: dict) -> bool:
+    """Whether the edge tier runs the int8 ONNX model (``serve.edge.backend`` auto/onnx/torch and the
+    promoted ``files``); ``onnx`` without an int8 model is an error."""
+    if backend not in ("auto", "onnx", "torch"):
+        raise ValueError(f"serve.edge.backend must be auto, onnx or torch, got {backend!r}")
+    if backend == "onnx" and "edge_int8" not in files:
+        raise ValueError("serve.edge.backend is onnx but the promoted model has no int8 ONNX edge model "
+                         "(set prune.quantize.enabled: true)")
+    return backend in ("auto", "onnx") and "edge_int8" in files
+
+
 def serve_args(params, promoted_dir: str | Path, calibration: dict | None) -> dict:
     """``app_builder`` args from params.yaml ``serve`` and the promoted models (``model.json``).
 
@@ -177,13 +188,7 @@ def serve_args(params, promoted_dir: str | Path, calibration: dict | None) -> di
     promoted = json.loads(info_file.read_text())
     files = promoted["files"]
     s = params("serve")
-    backend = s["edge"].get("backend", "auto")
-    if backend not in ("auto", "onnx", "torch"):
-        raise ValueError(f"serve.edge.backend must be auto, onnx or torch, got {backend!r}")
-    if backend == "onnx" and "edge_int8" not in files:
-        raise ValueError("serve.edge.backend is onnx but the promoted model has no int8 ONNX edge model "
-                         "(set prune.quantize.enabled: true)")
-    use_onnx = backend in ("auto", "onnx") and "edge_int8" in files
+    use_onnx = edge_uses_onnx(s["edge"].get("backend", "auto"), files)
     threshold = s["cascade"]["threshold"]
     if threshold is None:
         if calibration is None:
