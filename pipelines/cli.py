@@ -155,12 +155,15 @@ def cmd_predict(args) -> int:
     import httpx
 
     data = Path(args.file).read_bytes()
-    headers = {"content-type": "application/octet-stream"}
+    suffix = Path(args.file).suffix.lower()
+    # A signal file (EEG: one number per line, or a 1-D .npy) goes to the signal endpoint.
+    signal_type = {".txt": "text/plain", ".npy": "application/x-npy"}.get(suffix)
+    headers = {"content-type": signal_type or "application/octet-stream"}
     token = os.environ.get(args.token_env) if args.token_env else None
     if token:
         headers["authorization"] = f"Bearer {token}"
     query = {k: v for k, v in (("mode", args.mode), ("threshold", args.threshold)) if v is not None}
-    r = httpx.post(args.url.rstrip("/") + "/predict", content=data, params=query, headers=headers,
+    r = httpx.post(args.url.rstrip("/") + ("/predict_signal" if signal_type else "/predict"), content=data, params=query, headers=headers,
                    timeout=args.timeout)
     print(json.dumps(r.json(), indent=2))
     return 0 if r.status_code == 200 else 1

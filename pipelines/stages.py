@@ -44,6 +44,8 @@ def ingest(p: Params) -> dict:
     from components.data.sources import get_source
 
     name = p("data.dataset")
+    if name in EEG_DATASETS:
+        return _ingest_eeg(p, name)
     source = get_source(name)
     if RAW.exists():
         shutil.rmtree(RAW)
@@ -58,6 +60,8 @@ def prepare(p: Params) -> dict:
     from components.data.prepare import prepare_dataset
 
     name = p("data.dataset")
+    if name in EEG_DATASETS:
+        return _prepare_eeg(p, name)
     res = prepare_dataset(RAW / name, PREPARED, name, p("data.task"), in_chans=p("data.in_chans"),
                           test_size=p("data.test_size"), val_size=p("data.val_size"), seed=p("seed"),
                           skip_corrupt=p("data.skip_corrupt"), rows_per_shard=p("data.rows_per_shard"),
@@ -65,6 +69,60 @@ def prepare(p: Params) -> dict:
     _say(f"prepare: {res.report['num_prepared']} images, {len(res.report['corrupt'])} corrupt, "
          f"counts {res.report['counts']}")
     return res.report
+
+
+# EEG recordings become CWT scalogram images in prepare; every later stage is the image pipeline's.
+EEG_DATASETS = ("bonn_eeg", "eeg_synthetic", "eeg_edf")
+
+
+def _ingest_eeg(p: Params, name: str) -> dict:
+    from components.data.eeg import ingest_bonn, synthetic_bonn, write_bonn_layout
+
+    e = p("data.eeg")
+    if RAW.exists():
+        shutil.rmtree(RAW)
+    dest = RAW / name
+    if name == "eeg_synthetic":
+        sy = e["synthetic"]
+        write_bonn_layout(dest, synthetic_bonn(int(sy["n_per_set"]), length=int(e["length"]), fs=float(e["fs"]),
+                                               seed=p("seed")))
+    elif name == "bonn_eeg":
+        ingest_bonn(dest, e["path"])
+    else:
+        if not e["path"] or not Path(e["path"]).is_dir():
+            raise FileNotFoundError(f"data.eeg.path must be a folder of <class>/<file>.edf recordings, got {e['path']!r}")
+        shutil.copytree(e["path"], dest)
+    n = sum(1 for f in dest.rglob("*") if f.is_file())
+    _say(f"ingest: {n} raw EEG files of dataset {name!r} in {dest}")
+    return {"dataset": name, "files": n}
+
+
+def _prepare_eeg(p: Params, name: str) -> dict:
+    from components.data.eeg import read_bonn, read_edf_folder
+    from components.data.eeg_prepare import prepare_eeg
+
+    e = p("data.eeg")
+    if p("data.in_chans") != 1:
+        raise ValueError("EEG scalograms are grayscale: set data.in_chans: 1")
+    if name == "eeg_edf":
+        # EDF recordings are long: cut into windows here, grouped by recording for the split.
+        ds = read_edf_folder(RAW / name, channel=e["channel"], window=int(e["window"]), overlap=0)
+        window, overlap = int(e["window"]), 0
+    else:
+        ds = read_bonn(RAW / name, p("data.task"), length=int(e["length"]), fs=float(e["fs"]),
+                       skip_malformed=p("data.skip_corrupt"))
+        window, overlap = int(e["window"]), int(e["overlap"])
+    init_ray(p)
+    res = prepare_eeg(ds, PREPARED, dataset=name, task=p("data.task"), window=window, overlap=overlap,
+                      reassemble_per_class=int(e["reassemble_per_class"]), parts=int(e["parts"]), cwt=dict(e["cwt"]),
+                      test_size=p("data.test_size"), val_size=p("data.val_size"), seed=p("seed"),
+                      rows_per_shard=p("data.rows_per_shard"), use_ray=True,
+                      cpus_per_task=p("augment.cpus_per_task"))
+    r = res.report
+    _say(f"prepare: {r['num_recordings']} EEG recordings -> {r['num_prepared']} scalograms ({window}-sample windows, "
+         f"overlap {overlap}, {sum(r['reassembled'].values())} reassembled), counts {r['counts']}; "
+         f"examples in {r['examples']}")
+    return r
 
 
 def augment(p: Params) -> dict:
@@ -478,7 +536,9 @@ def calibrate(p: Params) -> dict:
                             temperature_scaling=c["temperature_scaling"], n_bins=c["ece_bins"],
                             confidence_level=c["confidence_level"])
     cal["edge_backend"] = "onnxruntime (int8)" if use_onnx else "torch"
-    args = serve_args(p, PROMOTED, calibration=cal)
+    from components.data.prepare import load_report
+
+    args = serve_args(p, PROMOTED, calibration=cal, prepared_report=load_report(PREPARED))
     threshold = args["threshold"]
     # The same rule on the test split: what the served cascade should reach on unseen images.
     test = _split_logits(p, "test", Path(files["full"]), edge_model, edge_onnx)

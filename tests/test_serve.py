@@ -31,6 +31,9 @@ MAX_BODY = 300_000
 MAX_PIXELS = 1_000_000
 TEMPS = {"edge": 0.5, "cloud": 2.0}
 TOKEN = "s3cret-token"
+# The app also serves signals (as if its models were trained on EEG scalograms of these settings).
+SIGNAL = {"fs": 173.61, "window": 512, "overlap": 0, "cwt": {"wavelet": "cmor1.5-1.0", "freqs": [0.5, 40.0],
+                                                             "num_scales": 16, "out_size": [32, 32], "log": True}}
 
 
 def _png(seed: int, shape=(48, 40)) -> bytes:
@@ -75,7 +78,7 @@ def _args(files, **extra) -> dict:
                      "num_cpus": 0.1, "resources": {"edge": 0.01}},
             "cloud": {"num_replicas": 1, "max_batch_size": 8, "batch_wait_timeout_s": 0.05, "threads": 1,
                       "num_cpus": 0.2, "resources": {"cloud": 0.01}},
-            "router": {"num_cpus": 0.05}, "base_dir": str(files), **extra}
+            "router": {"num_cpus": 0.05}, "base_dir": str(files), "signal": dict(SIGNAL), **extra}
 
 
 @pytest.fixture(scope="module")
@@ -347,3 +350,70 @@ def test_model_file_changed_after_build_fails_at_deploy(server, files, tmp_path)
         deploy_config({**server.config, "applications": [*server.config["applications"], broken]})
     assert "broken" not in serve.status().applications
     assert server.get("/healthz").status_code == 200
+
+
+# ---------------------------------------------------------------------------- signals (EEG)
+def _eeg(n: int, seed: int = 0) -> np.ndarray:
+    from components.data.eeg import synthetic_eeg
+
+    return synthetic_eeg(1, length=n, fs=SIGNAL["fs"], seed=seed).signals[2].astype(np.float64)  # an ictal one
+
+
+def test_signal_is_cut_into_windows_and_classified_as_scalograms(server, files):
+    from components.serve.signal import check_settings, signal_images
+
+    x = _eeg(1300)  # two whole windows of 512; the tail of 276 samples is dropped, as in prepare
+    images = signal_images(x, check_settings(SIGNAL))
+    expected = _local_probs(files, images)["cloud"]
+    r = server.post("/predict_signal", json={"signal": x.tolist(), "mode": "cloud", "fs": 173.61})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["num_windows"] == 2 and body["window_seconds"] == pytest.approx(512 / 173.61)
+    for got, want in zip(body["windows"], expected):
+        assert got["tier"] == "cloud"
+        np.testing.assert_allclose(_probs(got), want, atol=1e-5)
+    np.testing.assert_allclose(_probs(body), expected.mean(0), atol=1e-5)
+    assert body["label"] == CLASSES[int(np.argmax(expected.mean(0)))]
+    # The same signal as a Bonn-style text file and as a .npy array gets the same answer.
+    text = "\n".join(f"{v:.9g}" for v in x).encode()
+    as_text = server.post("/predict_signal", content=text, params={"mode": "cloud"},
+                          headers={"content-type": "text/plain"}).json()
+    buf = __import__("io").BytesIO()
+    np.save(buf, x)
+    as_npy = server.post("/predict_signal", content=buf.getvalue(), params={"mode": "cloud"},
+                         headers={"content-type": "application/x-npy"}).json()
+    for other in (as_text, as_npy):
+        np.testing.assert_allclose(_probs(other), _probs(body), atol=1e-4)
+    cascade = server.post("/predict_signal", json={"signal": x.tolist()}).json()  # the default mode
+    assert cascade["num_windows"] == 2 and all(w["mode"] == "cascade" for w in cascade["windows"])
+
+
+BAD_SIGNALS = {
+    "not a number": (dict(content=b"1.0\n2.0\nabc\n", headers={"content-type": "text/plain"}), 422,
+                     "request body: line 3: not a number"),
+    "nan in json": (dict(content=b'{"signal": [1.0, NaN, 2.0]}', headers={"content-type": "application/json"}), 422,
+                    "non-finite"),
+    "text in json": (dict(json={"signal": [1.0, "x"]}), 422, "signal[1] is not a number"),
+    "too short": (dict(json={"signal": [0.5] * 100}), 422, "at least one window of 512"),
+    "empty list": (dict(json={"signal": []}), 422, "empty"),
+    "empty body": (dict(content=b"", headers={"content-type": "text/plain"}), 400, "empty request body"),
+    "wrong rate": (dict(json={"signal": [0.5] * 600, "fs": 256}), 422, "resample"),
+    "empty npy": (dict(content=b"", headers={"content-type": "application/x-npy"}), 400, "empty"),
+    "not npy": (dict(content=b"\x00\x01garbage", headers={"content-type": "application/x-npy"}), 415, ".npy"),
+    "image type": (dict(content=b"abc", headers={"content-type": "image/png"}), 415, "unsupported content type"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SIGNALS))
+def test_malformed_signals_get_a_clear_error(server, case):
+    kwargs, status, words = BAD_SIGNALS[case]
+    r = server.post("/predict_signal", **kwargs)
+    assert r.status_code == status, (case, r.status_code, r.text)
+    assert words.lower() in r.json()["error"].lower(), r.json()
+
+
+def test_two_dimensional_npy_is_refused(server):
+    buf = __import__("io").BytesIO()
+    np.save(buf, np.zeros((2, 600)))
+    r = server.post("/predict_signal", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
+    assert r.status_code == 422 and "1-D" in r.json()["error"]

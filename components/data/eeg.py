@@ -166,6 +166,12 @@ def read_bonn_file(path: str | Path, length: int | None = BONN_LENGTH, *, name: 
         raw = path.read_bytes()
     except OSError as exc:
         raise EEGFormatError(f"{name}: unreadable file: {exc.strerror or exc}", name, None) from None
+    return parse_signal_text(raw, name, length)
+
+
+def parse_signal_text(raw: bytes, name: str, length: int | None = None) -> np.ndarray:
+    """Text with one number per line (a Bonn file, an uploaded ``.txt``) -> float32 samples; the
+    checks and messages of :func:`read_bonn_file`, naming ``name``."""
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

@@ -59,7 +59,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.data.images import ImageDecodeError
 from components.registry import file_sha256
-from components.serve.schema import (MODES, PREDICT_ERRORS, BatchPredictResponse, ErrorResponse, HealthResponse,
+from components.serve.schema import (MODES, PREDICT_ERRORS, SIGNAL_ERRORS, BatchPredictResponse, ErrorResponse,
+                                     HealthResponse, SignalPredictResponse,
                                      ModelsResponse, PredictResponse)
 
 UNDECODABLE, TOO_LARGE, TOO_SMALL = "undecodable", "too_large", "too_small"
@@ -345,7 +346,7 @@ class Router:
 
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, info: dict, *, default_mode: str = "cascade",
                  threshold: float = 0.5, max_body_bytes: int = 10_000_000, max_batch_images: int = 64,
-                 auth_token: str | None = None, auth_token_env: str | None = None):
+                 auth_token: str | None = None, auth_token_env: str | None = None, signal: dict | None = None):
         if default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
         self.edge, self.cloud = edge, cloud
@@ -358,6 +359,9 @@ class Router:
         token = auth_token or (os.environ.get(auth_token_env) if auth_token_env else None)
         self._token = token.encode() if token else None
         self._tiers_seen = False
+        from components.serve.signal import check_settings
+
+        self.signal = check_settings(signal) if signal else None
 
     # ------------------------------------------------------------------ request checks
     def _authorize(self, request: Request) -> None:
@@ -501,6 +505,50 @@ class Router:
                                         latency_ms=(time.perf_counter() - start) * 1000.0)
         return PredictResponse(**results[0])
 
+    @api.post("/predict_signal", response_model=SignalPredictResponse,
+              responses={code: {"model": ErrorResponse, "description": why} for code, why in SIGNAL_ERRORS.items()})
+    async def predict_signal(self, request: Request):
+        """Classify a signal (EEG): JSON {"signal": [...]}, text with one number per line, or a 1-D .npy.
+        It is cut into the training windows, each window becomes a scalogram, the answer averages them."""
+        from components.serve.signal import SIGNAL_CONTENT_TYPES, SignalError, parse_signal, signal_images
+
+        start = time.perf_counter()
+        try:
+            self._authorize(request)
+            if self.signal is None:
+                raise _BadRequest(404, "this app serves images (POST /predict): it was not built from an EEG dataset")
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype not in SIGNAL_CONTENT_TYPES:
+                raise _BadRequest(415, f"unsupported content type {ctype!r}: send application/json "
+                                       '{"signal": [...]}, text/plain (one number per line) or application/x-npy')
+            body = await self._read_body(request)
+            if not body:
+                raise _BadRequest(400, "empty request body: send a signal")
+            x, doc = parse_signal(body, ctype, self.signal["max_samples"])
+            query = request.query_params
+            mode = _parse_mode(doc.get("mode", query.get("mode")), self.default_mode)
+            threshold = _parse_threshold(doc.get("threshold", query.get("threshold")), self.threshold)
+            fs = doc.get("fs", query.get("fs"))
+            if isinstance(fs, str):
+                try:
+                    fs = float(fs)
+                except ValueError:
+                    raise _BadRequest(422, f"fs must be a number of Hz, got {fs!r}") from None
+            images = await asyncio.get_running_loop().run_in_executor(None, signal_images, x, self.signal, fs)
+        except (_BadRequest, SignalError) as exc:
+            return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        results = await asyncio.gather(*(self.classify(data, mode, threshold) for data in images))
+        for i, result in enumerate(results):
+            if "error" in result:
+                return _error(_STATUS[result["reason"]], f"window {i}: " + result["error"])
+        names = list(results[0]["probabilities"])
+        mean = {n: float(np.mean([r["probabilities"][n] for r in results])) for n in names}
+        best = max(range(len(names)), key=lambda k: mean[names[k]])
+        return SignalPredictResponse(label=names[best], label_index=best, probabilities=mean, num_windows=len(results),
+                                     window_seconds=self.signal["window"] / self.signal["fs"],
+                                     windows=[PredictResponse(**r) for r in results],
+                                     latency_ms=(time.perf_counter() - start) * 1000.0)
+
     @api.get("/healthz", response_model=HealthResponse,
              responses={503: {"model": ErrorResponse, "description": "a tier has not answered yet"}})
     async def healthz(self):
@@ -565,7 +613,8 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
               max_body_bytes: int = 10_000_000, max_image_pixels: int = 50_000_000, min_image_side: int = 8,
               max_batch_images: int = 64, edge: dict | None = None, cloud: dict | None = None,
               router: dict | None = None, auth_token: str | None = None, auth_token_env: str | None = None,
-              calibration: dict | None = None, base_dir: str | None = None, files_sha256: dict | None = None):
+              calibration: dict | None = None, base_dir: str | None = None, files_sha256: dict | None = None,
+              signal: dict | None = None):
     """The Serve application: ``Router.bind(EdgeClassifier.bind(...), CloudClassifier.bind(...), ...)``.
 
     ``cloud_model`` is the full model; ``edge_model`` the edge model (default: the full model, so a
@@ -576,6 +625,8 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
     Model files are loaded here once to validate them: a missing or malformed file raises
     ``CheckpointError`` now, naming the file, instead of failing replicas after deployment.
     Relative paths are taken from ``base_dir`` (else ``$RESOPS_HOME``, else the working directory).
+    ``signal`` (fs, window, overlap, cwt: the prepare stage's settings of an EEG dataset) adds
+    ``POST /predict_signal``, which turns a posted signal into those scalograms.
     ``files_sha256`` (file name -> sha256, as the Serve config records them) pins the model files:
     a file that differs raises ``CheckpointError``, so a config never serves other weights than the
     ones it was written for.
@@ -633,7 +684,7 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
     return Router.options(**router_options).bind(
         handles["edge"], handles["cloud"], info, default_mode=default_mode, threshold=threshold,
         max_body_bytes=max_body_bytes, max_batch_images=max_batch_images, auth_token=auth_token,
-        auth_token_env=auth_token_env)
+        auth_token_env=auth_token_env, signal=signal)
 
 
 def app_builder(args: dict):

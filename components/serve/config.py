@@ -173,7 +173,16 @@ def edge_uses_onnx(backend: str, files: dict) -> bool:
     return backend in ("auto", "onnx") and "edge_int8" in files
 
 
-def serve_args(params, promoted_dir: str | Path, calibration: dict | None) -> dict:
+def signal_settings(prepared_report: dict | None) -> dict | None:
+    """The app's ``signal`` settings when the model was trained on EEG scalograms: the windows and
+    the transform the prepare stage used, so a posted signal becomes the same images."""
+    r = prepared_report or {}
+    if r.get("modality") != "eeg":
+        return None
+    return {"fs": float(r["fs"]), "window": int(r["window"]), "overlap": int(r["overlap"]), "cwt": dict(r["cwt"])}
+
+
+def serve_args(params, promoted_dir: str | Path, calibration: dict | None, prepared_report: dict | None = None) -> dict:
     """``app_builder`` args from params.yaml ``serve`` and the promoted models (``model.json``).
 
     The edge tier runs the int8 ONNX edge model when the prune stage built one and
@@ -204,4 +213,5 @@ def serve_args(params, promoted_dir: str | Path, calibration: dict | None) -> di
         "max_batch_images": s["max_batch_images"], "auth_token_env": s["auth_token_env"],
         "edge": tier_settings(s["edge"]), "cloud": tier_settings(s["cloud"]), "router": dict(s["router"]),
         "calibration": calibration,
+        **({"signal": signal_settings(prepared_report)} if signal_settings(prepared_report) else {}),
     }

@@ -36,6 +36,18 @@ class BatchPredictResponse(BaseModel):
     latency_ms: float = Field(description="server-side time for the whole batch, in ms")
 
 
+class SignalPredictResponse(BaseModel):
+    """A signal: its windows classified as scalograms, and the answer averaged over them."""
+
+    label: str = Field(description="most probable class of the mean probabilities over the windows")
+    label_index: int
+    probabilities: dict[str, float] = Field(description="mean over the windows of each class's probability")
+    num_windows: int = Field(description="windows the signal was cut into, as the prepare stage cut recordings")
+    window_seconds: float = Field(description="length of one window in seconds")
+    windows: list[PredictResponse] = Field(description="the answer for each window, in time order")
+    latency_ms: float = Field(description="server-side time, scalograms included, in ms")
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     default_mode: str
@@ -82,4 +94,14 @@ PREDICT_ERRORS: dict[int, str] = {
          "than max_image_pixels (decompression bomb)",
     415: "an unsupported content type, or bytes that are not a decodable image (unknown format, corrupt, truncated)",
     422: "multipart/form-data without a 'file' field, an image smaller than min_image_side, a bad mode or threshold",
+}
+
+# Documented error answers of POST /predict_signal.
+SIGNAL_ERRORS: dict[int, str] = {
+    400: "empty body, malformed JSON",
+    401: "a token is configured and the request has no valid 'Authorization: Bearer <token>' header",
+    404: "this app serves images only (it was not built from an EEG dataset)",
+    413: "body larger than max_body_bytes, or more samples than the signal limit",
+    415: "an unsupported content type, or bytes that are not a .npy array",
+    422: "non-numeric, empty, NaN/inf or too short a signal, a sampling rate other than the model's, a bad mode",
 }
