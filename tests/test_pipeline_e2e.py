@@ -291,13 +291,10 @@ def test_eeg_pipeline_runs_end_to_end_on_synthetic_signals(repro):
     """Signals in (a Bonn-layout folder of synthetic EEG), CWT scalograms versioned as the prepared
     data, then the same train/prune/evaluate/promote/calibrate stages as images."""
     proj, env, _ = repro
-    eeg = {"path": None, "channel": None, "fs": 173.61, "length": 4097, "window": 1024, "overlap": 0,
-           "reassemble_per_class": 4, "parts": 4, "synthetic": {"n_per_set": 4},
-           "cwt": {"wavelet": "cmor1.5-1.0", "freqs": [0.5, 40.0], "num_scales": 16, "out_size": [32, 32],
-                   "log": True}}
-    out = _run(["dvc", "exp", "run", "-S", "data.dataset=eeg_synthetic", "-S", "data.task=3class",
-                "-S", f"data.eeg={json.dumps(eeg)}", "-S", "augment.policy=none", "-S", "train.epochs=1",
-                "-S", "prune.quantize.enabled=false"], proj, env)
+    sets = ["data.dataset=eeg_synthetic", "data.task=3class", "data.eeg.synthetic.n_per_set=4", "data.eeg.window=1024",
+            "data.eeg.overlap=0", "data.eeg.reassemble_per_class=4", "data.eeg.cwt.num_scales=16",
+            "data.eeg.cwt.out_size=[32,32]", "augment.policy=none", "train.epochs=1", "prune.quantize.enabled=false"]
+    out = _run(["dvc", "exp", "run", *[a for kv in sets for a in ("-S", kv)]], proj, env)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
     assert ran == STAGES, out[-3000:]
     report = json.loads((proj / "data/prepared/report.json").read_text())
