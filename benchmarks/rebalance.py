@@ -197,6 +197,7 @@ def table(specs: list[dict], results: dict, names: list[str]) -> str:
             continue
         sizes = sorted({r["data"]["rows"] for r in runs})
         counts = runs[0]["data"]["counts_after"]
+        counts = {int(k): v for k, v in counts.items()}  # runs read back from JSON (--resume) have str keys
         rows_cell = "/".join(map(str, sizes)) + " (" + "/".join(str(counts.get(i, 0)) for i in range(len(names))) + ")"
         rows.append([spec["label"], rows_cell, *[fmt_mean_std([r["test"][k] for r in runs]) for k in METRICS],
                      *[fmt_mean_std([r["test_per_class"][n]["recall"] for r in runs]) for n in names]])
