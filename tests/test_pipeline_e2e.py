@@ -307,5 +307,6 @@ def test_eeg_pipeline_runs_end_to_end_on_synthetic_signals(repro):
     assert ev["full"]["num_samples"] == sum(report["counts"]["test"].values())
     from components.models import load_model
 
-    model, meta = load_model(proj / "models/promoted/model.pt")
+    files = json.loads((proj / "models/promoted/model.json").read_text())["files"]
+    model, meta = load_model(proj / files["full"])
     assert meta["num_classes"] == 3 and meta["in_chans"] == 1
