@@ -98,7 +98,7 @@ def cluster():
             _kill_group(p, signal.SIGTERM)
         for p in procs.values():
             try:
-                p.wait(timeout=30)
+                p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 pass
             _kill_group(p)  # whatever ignored SIGTERM
@@ -178,7 +178,7 @@ def test_training_survives_the_loss_of_a_worker_node(cluster, project, tmp_path)
     resumes on the other node from the last registered checkpoint and finishes."""
     from ray.util.state import list_nodes
 
-    epochs = 4
+    epochs = 3
     ckpt = tmp_path / "shared-checkpoints"  # the cluster's shared storage (same disk for every node here)
     cmd = [str(BIN / "resops"), "-S", f"train.epochs={epochs}", "-S", f"train.storage_path={ckpt}",
            "-S", "cluster.submit=[train]", "run", "train"]
