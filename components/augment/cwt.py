@@ -118,6 +118,14 @@ def to_uint8(v: np.ndarray, value_range: tuple[float, float] | None = None) -> n
     return np.rint(255.0 * np.clip((v - lo) / (hi - lo), 0.0, 1.0)).astype(np.uint8)
 
 
+def cwt_kwargs(cwt: Mapping | None) -> dict:
+    """:func:`scalogram` keyword arguments from a params-style ``cwt`` mapping (``data.eeg.cwt``)."""
+    c = dict(cwt or {})
+    return dict(wavelet=c.get("wavelet", DEFAULT_WAVELET), freqs=tuple(c["freqs"]) if c.get("freqs") else None,
+                num_scales=int(c.get("num_scales", 64)), out_size=tuple(c.get("out_size", (64, 64))),
+                log=bool(c.get("log", True)))
+
+
 def scalogram(signal: np.ndarray, fs: float, *, wavelet: str = DEFAULT_WAVELET,
               freqs: tuple[float, float] | None = None, scales: Sequence[float] | np.ndarray | None = None,
               num_scales: int = 64, out_size: tuple[int, int] | None = (64, 64), log: bool = True,

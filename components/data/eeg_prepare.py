@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.augment.cwt import save_example_scalograms, scalogram_batch
+from components.augment.cwt import cwt_kwargs, save_example_scalograms, scalogram_batch
 from components.data.eeg import EEGDataset, reassemble_by_class, segment
 from components.data.prepare import SPLITS, PrepareResult, split_records
 from components.data.shards import write_shards
@@ -53,9 +53,7 @@ def window_rows(ds: EEGDataset, split: np.ndarray, window: int, overlap: int) ->
 def scalograms(frame: pd.DataFrame, signals: np.ndarray, fs: float, cwt: dict, *, use_ray: bool,
                cpus_per_task: float = 0.5, batch_size: int = 32) -> pd.DataFrame:
     """``frame`` with an ``image`` column of PNG scalograms (rows in the same order)."""
-    kwargs = dict(fs=fs, wavelet=cwt.get("wavelet", "cmor1.5-1.0"), freqs=tuple(cwt["freqs"]) if cwt.get("freqs") else None,
-                  num_scales=int(cwt.get("num_scales", 64)), out_size=tuple(cwt.get("out_size", (64, 64))),
-                  log=bool(cwt.get("log", True)))
+    kwargs = dict(fs=fs, **cwt_kwargs(cwt))
     batch = {"row": np.arange(len(frame)), "signal": signals.astype(np.float32)}
     if use_ray:
         import ray.data
@@ -107,9 +105,8 @@ def prepare_eeg(ds: EEGDataset, out_dir: str | Path, *, dataset: str, task: str,
     real = ds.signals
     examples = save_example_scalograms({name: real[ds.labels == k][:examples_per_class]
                                         for k, name in enumerate(ds.class_names) if (ds.labels == k).any()},
-                                       ds.fs, out_dir / "scalograms.png", wavelet=cwt.get("wavelet", "cmor1.5-1.0"),
-                                       freqs=tuple(cwt["freqs"]) if cwt.get("freqs") else None,
-                                       num_scales=int(cwt.get("num_scales", 64)), title=f"{dataset} ({task})")
+                                       ds.fs, out_dir / "scalograms.png", title=f"{dataset} ({task})",
+                                       **{k: v for k, v in cwt_kwargs(cwt).items() if k != "out_size"})
     counts = {s: {ds.class_names[k]: int(v) for k, v in sorted(manifest.loc[manifest.split == s, "label"].value_counts().items())}
               for s in SPLITS}
     recordings = {s: int(len(set(manifest.loc[(manifest.split == s) & (manifest.source == "real"), "group"])))

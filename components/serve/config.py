@@ -204,6 +204,7 @@ def serve_args(params, promoted_dir: str | Path, calibration: dict | None, prepa
             raise ValueError("serve.cascade.threshold is null but there is no calibration to take it from")
         threshold = calibration["threshold"]["threshold"]
     temperatures = {t: calibration[t]["temperature"] for t in ("edge", "cloud")} if calibration else {}
+    signal = signal_settings(prepared_report)
     return {
         "cloud_model": files["full"], "edge_model": files.get("edge", files["full"]),
         **({"edge_onnx": files["edge_int8"]} if use_onnx else {}),
@@ -213,5 +214,5 @@ def serve_args(params, promoted_dir: str | Path, calibration: dict | None, prepa
         "max_batch_images": s["max_batch_images"], "auth_token_env": s["auth_token_env"],
         "edge": tier_settings(s["edge"]), "cloud": tier_settings(s["cloud"]), "router": dict(s["router"]),
         "calibration": calibration,
-        **({"signal": signal_settings(prepared_report)} if signal_settings(prepared_report) else {}),
+        **({"signal": signal} if signal else {}),
     }

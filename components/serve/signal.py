@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from components.augment.cwt import scalogram
+from components.augment.cwt import cwt_kwargs, scalogram
 from components.data.eeg import EEGFormatError, parse_signal_text, segment
 from components.data.images import encode_png
 
@@ -97,8 +97,5 @@ def signal_images(x: np.ndarray, settings: dict, fs: float | None = None) -> lis
     if x.size < s["window"]:
         raise SignalError(422, f"the signal has {x.size} samples; at least one window of {s['window']} "
                                f"({s['window'] / s['fs']:.2f} s at {s['fs']} Hz) is needed")
-    c = s["cwt"]
-    kwargs = dict(wavelet=c.get("wavelet", "cmor1.5-1.0"), freqs=tuple(c["freqs"]) if c.get("freqs") else None,
-                  num_scales=int(c.get("num_scales", 64)), out_size=tuple(c.get("out_size", (64, 64))),
-                  log=bool(c.get("log", True)))
+    kwargs = cwt_kwargs(s["cwt"])  # the transform prepare used
     return [encode_png(scalogram(w, s["fs"], **kwargs)) for w in segment(x, s["window"], s["overlap"])]
