@@ -191,7 +191,8 @@ def train_config(model_name: str, names: list[str], image_size: int, epochs: int
     }
 
 
-def train_model(cfg: dict, train_dir: Path, val_dir: Path, out_model: Path, storage: Path) -> dict:
+def train_model(cfg: dict, train_dir: Path, val_dir: Path, out_model: Path, storage: Path, *,
+                online_policy: str | None = ONLINE_POLICY) -> dict:
     """One Ray Train run; returns the history and the wall time (Ray Train start-up included).
 
     The run name is unique, so a reused work directory never resumes an old run; the run's
@@ -201,7 +202,7 @@ def train_model(cfg: dict, train_dir: Path, val_dir: Path, out_model: Path, stor
     t0 = time.perf_counter()
     res = fit(cfg, train_dir, val_dir, storage, out_model, num_workers=RAY_RESOURCES["num_workers"],
               cpus_per_worker=RAY_RESOURCES["cpus_per_worker"], data_cpus=RAY_RESOURCES["data_cpus"],
-              max_failures=0, keep_checkpoints=1, online_policy=ONLINE_POLICY)
+              max_failures=0, keep_checkpoints=1, online_policy=online_policy)
     wall = time.perf_counter() - t0
     shutil.rmtree(res.run_dir, ignore_errors=True)
     return {"model_path": str(out_model), "wall_seconds": wall, "history": res.history,

@@ -130,30 +130,6 @@ def _job_id(output: str) -> str:
     return m.group(1)
 
 
-def test_submit_runs_a_training_stage_on_the_cluster_and_fetches_its_outputs(cluster, project):
-    res = _resops(project, "-S", "train.epochs=1", "submit", "train")
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-6000:]
-    job = _job_id(out)
-    # The job's log lines came back through the stream, and the job ran on the cluster's nodes.
-    assert "[train] epoch 1/1" in out and f"job {job} SUCCEEDED" in out
-    metrics = json.loads((project / "metrics/train.json").read_text())
-    assert metrics["epochs_run"] == 1 and metrics["resumed_from_epoch"] == 0
-    from components.models.checkpoint import load_model
-
-    model, meta = load_model(project / "models/train/model.pt")
-    assert meta["num_classes"] == 2
-    # What a later `resops status` / `resops logs` sees for that job id.
-    status = _resops(project, "status", job, "--json", timeout=60)
-    assert status.returncode == 0, status.stderr
-    record = json.loads(status.stdout)
-    assert record["status"] == "SUCCEEDED" and record["metadata"]["resops_stages"] == "train"
-    logs = _resops(project, "logs", job, timeout=60)
-    assert logs.returncode == 0 and "[resops] train: 1 epochs" in logs.stdout
-    jobs = _resops(project, "jobs", timeout=60)
-    assert job in jobs.stdout
-
-
 def test_failed_job_returns_nonzero_with_its_status(cluster, project):
     # A knob the stage rejects: the job fails on the cluster, the submitter says so and exits 1.
     res = _resops(project, "-S", "model.name=no_such_model", "submit", "train", timeout=300)
@@ -173,9 +149,11 @@ def _train_worker_nodes(dashboard: str) -> set[str]:
 
 
 def test_training_survives_the_loss_of_a_worker_node(cluster, project, tmp_path):
-    """`resops run train` with cluster.submit (what `dvc repro` calls) sends the stage to the cluster;
-    the node running the training worker is killed while epoch 2's checkpoint is written; the job
-    resumes on the other node from the last registered checkpoint and finishes."""
+    """`resops run train` with cluster.submit (what `dvc repro` calls) sends the stage to the cluster
+    as a job; the node running the training worker is killed while epoch 2's checkpoint is written;
+    the job resumes on the other node from the last registered checkpoint and finishes; its logs
+    came back through the stream and its outputs through cluster.artifacts. (One cold cluster and
+    one job cover submit, fetch and node loss: each extra job costs minutes on 2 cores.)"""
     from ray.util.state import list_nodes
 
     epochs = 3
@@ -212,3 +190,18 @@ def test_training_survives_the_loss_of_a_worker_node(cluster, project, tmp_path)
     # may or may not be when the node goes), not started over.
     assert starts[0] == 0 and len(starts) == 2 and starts[1] >= 1, starts
     assert metrics["epochs_run"] == epochs and metrics["resumed_from_epoch"] == starts[1]
+    # The job's log lines came back through the stream; its model was fetched back from cluster.artifacts.
+    job = _job_id(out)
+    assert f"[train] epoch {epochs}/{epochs}" in out and f"job {job} SUCCEEDED" in out
+    from components.models.checkpoint import load_model
+
+    model, meta = load_model(project / "models/train/model.pt")
+    assert meta["num_classes"] == 2
+    # What a later `resops status` / `resops logs` / `resops jobs` sees for that job id.
+    status = _resops(project, "status", job, "--json", timeout=60)
+    assert status.returncode == 0, status.stderr
+    record = json.loads(status.stdout)
+    assert record["status"] == "SUCCEEDED" and record["metadata"]["resops_stages"] == "train"
+    logs = _resops(project, "logs", job, timeout=60)
+    assert logs.returncode == 0 and f"[resops] train: {epochs} epochs" in logs.stdout
+    assert job in _resops(project, "jobs", timeout=60).stdout

@@ -16,16 +16,37 @@ from torch import nn
 from torchvision.models import resnet18 as tv_resnet18
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
+_TASKS: dict[str, str] = {}  # model name -> "classify" | "detect"
+TASKS = ("classify", "detect")
 
 
-def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    """Register a builder ``fn(num_classes, in_chans, **own_kwargs)`` under its function name."""
-    _MODELS[fn.__name__] = fn
-    return fn
+def register_model(fn: Callable[..., nn.Module] | None = None, *, task: str = "classify"):
+    """Register a builder ``fn(num_classes, in_chans, **own_kwargs)`` under its function name.
+
+    ``@register_model`` registers a classifier; ``@register_model(task="detect")`` a detector
+    (:mod:`components.models.detector`). Both load through the same model files.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+
+    def register(f: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _MODELS[f.__name__] = f
+        _TASKS[f.__name__] = task
+        return f
+
+    return register(fn) if fn is not None else register
 
 
-def list_models() -> list[str]:
-    return sorted(_MODELS)
+def list_models(task: str = "classify") -> list[str]:
+    """The registered models of one task (classifiers by default)."""
+    return sorted(n for n in _MODELS if _TASKS[n] == task)
+
+
+def model_task(name: str) -> str:
+    """``"classify"`` or ``"detect"`` for a registered model name."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known: {sorted(_MODELS)}")
+    return _TASKS[name]
 
 
 def _positive_int(value: object, what: str) -> int:
@@ -50,7 +71,7 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, **kwargs) -> nn
     try:
         builder = _MODELS[name]
     except KeyError:
-        raise ValueError(f"unknown model {name!r}; known: {list_models()}") from None
+        raise ValueError(f"unknown model {name!r}; known: {sorted(_MODELS)}") from None
     num_classes = _positive_int(num_classes, "num_classes")
     in_chans = _positive_int(in_chans, "in_chans")
     parameters = inspect.signature(builder).parameters.values()
