@@ -9,9 +9,9 @@ import pytest
 import torch
 from torchmetrics.detection import MeanAveragePrecision
 
-from components.data.detection import (DetectionFormatError, augment_detection, boxes_from_json, detection_batch,
-                                       detection_policy, read_coco, read_yolo, synthetic_conveyor, unpad_boxes,
-                                       write_coco, write_yolo, yolo_to_xyxy)
+from components.augment.detection import augment_detection, detection_batch, detection_policy
+from components.data.detection import (DetectionFormatError, boxes_from_json, read_coco, read_yolo, synthetic_conveyor,
+                                       unpad_boxes, write_coco, write_yolo, yolo_to_xyxy)
 from components.data.images import encode_png
 from components.models import create_model, list_models, load_model, save_model
 from components.models.detector import (ANCHORS_PER_SCALE, DEFAULT_ANCHORS, STRIDES, YoloLoss, anchor_fitness, decode,

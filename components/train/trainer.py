@@ -12,6 +12,7 @@ import torch
 from components import storage as _storage
 from components.augment.operator import AugmentOperator
 from components.data.shards import shard_files
+from components.models.registry import model_task
 from components.train.loop import MODEL_FILE, STATE_FILE, train_loop_per_worker
 
 _OPERATORS: dict[tuple, AugmentOperator] = {}
@@ -87,13 +88,18 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
     cfg.setdefault("run_name", run_name(cfg, data_digest))
     common = dict(image_size=cfg["image_size"], in_chans=cfg["in_chans"], cpus_per_task=data_cpus,
                   batch_size=cfg["batch_size"])
+    if model_task(cfg["model_name"]) == "detect":  # same Ray Train run, the detector's data and loop
+        from components.train.detect import detect_loop_per_worker, detection_dataset
+        make_dataset, loop = detection_dataset, detect_loop_per_worker
+    else:
+        make_dataset, loop = image_dataset, train_loop_per_worker
     datasets = {
-        "train": image_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
-        "val": image_dataset(val_dir, "val", policy=None, seed=None, **common),
+        "train": make_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
+        "val": make_dataset(val_dir, "val", policy=None, seed=None, **common),
     }
     storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...): Ray Train handles both
     trainer = TorchTrainer(
-        train_loop_per_worker, train_loop_config=cfg, datasets=datasets,
+        loop, train_loop_config=cfg, datasets=datasets,
         scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": cpus_per_worker}),
         run_config=ray.train.RunConfig(

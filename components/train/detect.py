@@ -1,0 +1,192 @@
+"""Detector training on Ray Train: the datasets, the per-worker loop and the mAP evaluation it
+reports every epoch. :func:`components.train.trainer.fit` picks this loop for detection models
+(``model_task(name) == "detect"``), so checkpoints, resume, storage paths and run names are the
+classifier's.
+
+Each epoch: one pass of YOLOv3 loss (:class:`components.models.detector.YoloLoss`) with AdamW
+(linear warm-up over the first ``warmup_steps`` steps, cosine decay over epochs), then mAP@0.5 and
+mAP@0.5:0.95 on the validation shard (torchmetrics' ``MeanAveragePrecision``, pycocotools backend;
+synchronised across workers by torchmetrics), a checkpoint (model, optimizer, step, history) and
+``ray.train.report``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from components.models.checkpoint import save_model, unwrap
+from components.models.detector import YoloLoss, decode, postprocess
+from components.models.registry import create_model
+from components.train.loop import MODEL_FILE, STATE_FILE, _WandbSink, autocast, model_meta, progress
+
+DETECTION_COLUMNS = ["image", "boxes", "split"]
+
+
+def detection_dataset(shards_dir: str | Path, split: str | None, *, policy: str | None, image_size: int,
+                      in_chans: int, seed: int | None, cpus_per_task: float, batch_size: int = 32):
+    """A Ray Dataset of float images and padded targets (:func:`components.augment.detection.detection_batch`)."""
+    import ray.data
+
+    from components.augment.detection import detection_batch
+    from components.data.shards import shard_files
+
+    ds = ray.data.read_parquet(shard_files(shards_dir), columns=DETECTION_COLUMNS, num_cpus=cpus_per_task)
+    if split:
+        ds = ds.filter(expr=f"split == '{split}'")
+    return ds.map_batches(detection_batch, batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_task,
+                          fn_kwargs=dict(image_size=image_size, in_chans=in_chans, policy=policy, seed=seed))
+
+
+def targets_list(padded: torch.Tensor) -> list[torch.Tensor]:
+    """(B, max_boxes, 5) padded targets -> a list of (n_i, 5) tensors (rows with class >= 0)."""
+    return [t[t[:, 0] >= 0] for t in padded]
+
+
+def target_dicts(padded: torch.Tensor, image_hw: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
+    """Padded normalised targets -> torchmetrics' ground-truth dicts (xyxy pixels, labels)."""
+    h, w = image_hw
+    out = []
+    for t in targets_list(padded):
+        cx, cy, bw, bh = t[:, 1] * w, t[:, 2] * h, t[:, 3] * w, t[:, 4] * h
+        out.append({"boxes": torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).float(),
+                    "labels": t[:, 0].long()})
+    return out
+
+
+def new_map_metric(class_metrics: bool = False):
+    from torchmetrics.detection import MeanAveragePrecision
+
+    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=class_metrics,
+                                backend="pycocotools")
+
+
+@torch.no_grad()
+def evaluate_batches(model: torch.nn.Module, batches, device: torch.device, *, score_threshold: float = 0.001,
+                     iou_threshold: float = 0.6, max_detections: int = 100, metric=None) -> tuple[object, int]:
+    """Update a torchmetrics mAP metric with the model's detections on ``batches`` (dicts with
+    ``image`` and padded ``targets``); returns (metric, images). Low score threshold: mAP integrates
+    over the whole precision-recall curve."""
+    metric = metric if metric is not None else new_map_metric()
+    model.eval()
+    anchors = unwrap(model).anchors
+    n = 0
+    for batch in batches:
+        x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
+        hw = tuple(x.shape[-2:])
+        with autocast(device):
+            outs = model(x)
+        dets = postprocess(decode([o.float() for o in outs], anchors, hw), score_threshold=score_threshold,
+                           iou_threshold=iou_threshold, max_detections=max_detections, image_hw=hw)
+        metric.update([{k: v.cpu() for k, v in d.items()} for d in dets], target_dicts(batch["targets"].cpu(), hw))
+        n += len(x)
+    return metric, n
+
+
+def map_summary(result: dict, class_names: list[str] | None = None) -> dict:
+    """Plain floats from a torchmetrics mAP result; with ``class_names`` (a metric made with
+    ``class_metrics=True``) also ``ap_per_class``: each class's AP at the metric's IoU thresholds."""
+    out = {"map_50": float(result["map_50"]), "map_50_95": float(result["map"]), "map_75": float(result["map_75"]),
+           "mar_100": float(result["mar_100"])}
+    if class_names is not None:
+        values = result["map_per_class"].reshape(-1).tolist()
+        ids = result["classes"].reshape(-1).tolist()
+        out["ap_per_class"] = {class_names[int(i)]: float(v) for i, v in zip(ids, values)}
+    return out
+
+
+def _lr_factor(step: int, epoch: int, epochs: int, warmup_steps: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, warmup_steps))
+    cos = 0.5 * (1 + math.cos(math.pi * epoch / max(1, epochs)))  # per epoch, to 0 after the last
+    return warm * max(cos, 0.02)
+
+
+def detect_loop_per_worker(cfg: dict) -> None:
+    """Ray Train worker entry point for detectors (see the module docstring); resumes from
+    ``ray.train.get_checkpoint()`` like the classifier loop."""
+    import ray.train
+    import ray.train.torch
+
+    torch.set_num_threads(int(cfg["threads_per_worker"]))
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(int(cfg["seed"]) + rank)
+    model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg.get("model_kwargs", {}))
+    model = model.to(memory_format=torch.channels_last)
+    epochs, lr = int(cfg["epochs"]), float(cfg["lr"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(cfg["weight_decay"]))
+    start_epoch, step, history = 0, 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"])
+            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history = int(state["epoch"]) + 1, int(state["step"]), json.loads(state["history"])
+        if rank == 0:
+            progress(f"[train] resuming from the checkpoint of epoch {start_epoch} of {epochs}")
+    model = ray.train.torch.prepare_model(model)
+    loss_fn = YoloLoss(cfg["num_classes"], **cfg.get("loss", {}))
+    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    sink = _WandbSink(cfg) if rank == 0 else None
+    anchors = unwrap(model).anchors
+    warmup = int(cfg.get("warmup_steps", 50))
+    dtypes = {"image": torch.float32, "targets": torch.float32, "orig_size": torch.int64}
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    for epoch in range(start_epoch, epochs):
+        model.train()
+        t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, np.zeros(3)
+        for batch in train_shard.iter_torch_batches(batch_size=int(cfg["batch_size"]), dtypes=dtypes,
+                                                    local_shuffle_buffer_size=int(cfg.get("shuffle_buffer", 0)) or None,
+                                                    prefetch_batches=2):
+            for g in optimizer.param_groups:
+                g["lr"] = lr * _lr_factor(step, epoch, epochs, warmup)
+            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device):
+                outs = model(x)
+            loss, parts = loss_fn([o.float() for o in outs], targets_list(batch["targets"].to(device)), anchors,
+                                  tuple(x.shape[-2:]))
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            scaler.step(optimizer) if scaler is not None else optimizer.step()
+            if scaler is not None:
+                scaler.update()
+            step += 1
+            seen += len(x)
+            loss_sum += float(loss.detach()) * len(x)
+            parts_sum += np.array([parts["box"], parts["obj"], parts["cls"]]) * len(x)
+        seconds = time.perf_counter() - t0
+        metric, _ = evaluate_batches(model, val_shard.iter_torch_batches(batch_size=32, dtypes=dtypes), device)
+        val = map_summary(metric.compute())  # torchmetrics gathers every worker's state
+        record = {"epoch": epoch + 1, "start_epoch": start_epoch, "lr": optimizer.param_groups[0]["lr"],
+                  "train_loss": loss_sum / max(seen, 1),
+                  **{f"train_{k}_loss": float(v) / max(seen, 1) for k, v in zip(("box", "obj", "cls"), parts_sum)},
+                  "val_map_50": val["map_50"], "val_map_50_95": val["map_50_95"],
+                  "images_per_second": seen * world / max(seconds, 1e-9)}
+        history.append(record)
+        if rank == 0:
+            progress(f"[train] epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.3f} (box "
+                     f"{record['train_box_loss']:.3f} obj {record['train_obj_loss']:.3f} cls "
+                     f"{record['train_cls_loss']:.3f})  val mAP@0.5 {val['map_50']:.3f}  mAP@0.5:0.95 "
+                     f"{val['map_50_95']:.3f}  {record['images_per_second']:.1f} img/s  lr {record['lr']:.2e}")
+            sink.log(record, step=epoch + 1)
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_model(Path(tmp) / MODEL_FILE, model, model_meta(cfg))
+                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
+                            "history": json.dumps(history)}, Path(tmp) / STATE_FILE)
+                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+            else:
+                ray.train.report(record, checkpoint=None)
+    if sink is not None:
+        sink.finish()
