@@ -214,3 +214,47 @@ def test_detection_batch_resizes_pads_and_keeps_normalised_boxes():
         np.testing.assert_allclose(unpad_boxes(out["targets"][i]), boxes[i], atol=1e-5)
     json_boxes = boxes_from_json(json.dumps(boxes[0].tolist()))
     np.testing.assert_allclose(json_boxes, boxes[0])
+
+
+# --------------------------------------------------------------------------- evaluation
+def test_detection_metrics_score_perfect_and_shifted_predictions(tmp_path):
+    from components.evaluate.detection import detection_metrics, save_pr_curves
+
+    _, boxes = synthetic_conveyor(6, 64, seed=4)
+    gts = [{"boxes": _gt_xyxy(torch.from_numpy(b), 64), "labels": torch.from_numpy(b[:, 0]).long()} for b in boxes]
+    perfect = [dict(g, scores=torch.ones(len(g["labels"]))) for g in gts]
+    m = detection_metrics(perfect, gts, ["coal", "gangue"])
+    assert m["map_50"] == pytest.approx(1.0) and m["map_50_95"] == pytest.approx(1.0)
+    assert set(m["ap_50_per_class"]) <= {"coal", "gangue"} and min(m["ap_50_per_class"].values()) == pytest.approx(1.0)
+    assert sum(m["num_boxes"].values()) == sum(len(b) for b in boxes)
+    # Every box moved by 30 % of its width: IoU below 0.75, still above 0.5 for most.
+    shifted = []
+    for g in perfect:
+        b = g["boxes"].clone()
+        dx = 0.3 * (b[:, 2] - b[:, 0])
+        b[:, 0] += dx
+        b[:, 2] += dx
+        shifted.append(dict(g, boxes=b))
+    s = detection_metrics(shifted, gts, ["coal", "gangue"])
+    assert s["map_50_95"] < 0.6 and s["map_50"] > s["map_50_95"]
+    assert save_pr_curves(m, tmp_path / "pr.png").stat().st_size > 0
+    curve = m["pr_curve_50"]["coal"]
+    assert len(curve["recall"]) == len(curve["precision"]) == 101
+
+
+def test_predictions_are_drawn_on_test_images(tmp_path):
+    import pandas as pd
+
+    from components.evaluate.detection import predict_frame, save_prediction_grid
+
+    images, boxes = synthetic_conveyor(3, 64, seed=6)
+    frame = pd.DataFrame({"image": [encode_png(i) for i in images], "boxes": [json.dumps(b.tolist()) for b in boxes]})
+    model = create_model("resnet18_yolo", num_classes=2, in_chans=3, width=0.25)
+    meta = {"image_size": 64, "in_chans": 3, "class_names": ["coal", "gangue"]}
+    preds, gts = predict_frame(model, frame, meta, score_threshold=0.0)
+    assert len(preds) == len(gts) == 3 and all(len(g["boxes"]) == len(b) for g, b in zip(gts, boxes))
+    path = save_prediction_grid(model, frame, meta, tmp_path / "pred.png", n=3, score_threshold=0.0, columns=2)
+    from PIL import Image
+
+    with Image.open(path) as im:
+        assert im.size == (512, 512)

@@ -21,6 +21,10 @@ HTTP API::
                     application/octet-stream, or no content type) -> PredictResponse
                     a batch: application/json {"images": [base64, ...], "mode": ..., "threshold": ...}
                     -> BatchPredictResponse
+    POST /detect    (an app of detector models) the same inputs -> boxes, classes and scores in the
+                    image's pixels: DetectResponse / BatchDetectResponse; ``score_threshold``,
+                    ``iou_threshold``; cascade escalates when the edge found a box scored below
+                    ``threshold``
     GET  /healthz   both tiers answer -> HealthResponse (never needs a token: probes use it)
     GET  /models    the tiers, their files and versions, calibration, the cascade threshold
 
@@ -59,9 +63,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.data.images import ImageDecodeError
 from components.registry import file_sha256
-from components.serve.schema import (MODES, PREDICT_ERRORS, SIGNAL_ERRORS, BatchPredictResponse, ErrorResponse,
-                                     HealthResponse, SignalPredictResponse,
-                                     ModelsResponse, PredictResponse)
+from components.serve.schema import (DETECT_ERRORS, MODES, PREDICT_ERRORS, SIGNAL_ERRORS, BatchDetectResponse,
+                                     BatchPredictResponse, DetectResponse, ErrorResponse, HealthResponse,
+                                     ModelsResponse, PredictResponse, SignalPredictResponse)
 
 UNDECODABLE, TOO_LARGE, TOO_SMALL = "undecodable", "too_large", "too_small"
 _STATUS = {UNDECODABLE: 415, TOO_LARGE: 413, TOO_SMALL: 422}
@@ -116,9 +120,11 @@ def read_model_info(model_path: str) -> dict:
     if len(names) != int(meta["num_classes"]):
         raise CheckpointError(f"model file {model_path}: {len(names)} class_names {names} "
                               f"but num_classes is {meta['num_classes']}")
+    from components.models.registry import model_task
+
     return {"model_name": str(meta["model_name"]), "class_names": [str(n) for n in names],
             "num_classes": int(meta["num_classes"]), "image_size": int(meta["image_size"]),
-            "in_chans": int(meta["in_chans"])}
+            "in_chans": int(meta["in_chans"]), "task": model_task(str(meta["model_name"]))}
 
 
 class _Tier:
@@ -148,10 +154,15 @@ class _Tier:
                 # Another node's copy, or the file was replaced after the app was built: the version would lie.
                 raise CheckpointError(f"model file {path} on this node has sha256 {found}, "
                                       f"not {expected} as when the app was built")
+        from components.models.registry import model_task
+
         self._torch = torch
         torch.set_num_threads(threads)
         model, meta = load_model(model_path)
         self.meta = meta
+        self.task = model_task(str(meta["model_name"]))
+        if onnx_path and self.task == "detect":
+            raise ValueError(f"{self.tier}: detectors are served by torch; an ONNX edge model is for classifiers")
         self.onnx = None
         if onnx_path:
             from components.prune.quantize import OnnxClassifier
@@ -188,10 +199,28 @@ class _Tier:
         out = self.preprocess_op({"image": np.array([data], dtype=object), "label": np.array([0])})
         return out["image"][0]
 
+    def preprocess_detection(self, data: bytes) -> tuple[np.ndarray, tuple[int, int]]:
+        """Encoded image bytes -> (float32 CHW array as the detector was trained on, original (h, w))."""
+        from components.augment.detection import detection_batch
+
+        check_image_header(data, self.max_image_pixels, self.min_image_side)
+        out = detection_batch({"image": np.array([data], dtype=object), "boxes": np.array(["[]"], dtype=object)},
+                              image_size=int(self.meta["image_size"]), in_chans=int(self.meta["in_chans"]))
+        return out["image"][0], tuple(int(v) for v in out["orig_size"][0])
+
     def forward(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of a float32 NCHW batch."""
+        """Calibrated probabilities of a float32 NCHW batch; for a detector, its decoded predictions
+        (N, P, 5 + C): xyxy in input pixels, objectness, class probabilities."""
         from components.evaluate.calibration import softmax
 
+        if self.task == "detect":
+            from components.models.detector import decode
+
+            torch = self._torch
+            x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
+            with torch.inference_mode():
+                outs = self.model(x)
+                return decode([o.float() for o in outs], self.model.anchors, tuple(x.shape[-2:])).numpy()
         if self.onnx is not None:
             logits = self.onnx.logits(batch, batch_size=len(batch))
         else:
@@ -226,6 +255,35 @@ class _Tier:
                 "probabilities": {name: float(p) for name, p in zip(self.class_names, probs)},
                 "model_version": self.model_version, "model_name": str(self.meta["model_name"]),
                 "batch_size": batch_size, "compute_ms": (time.perf_counter() - start) * 1000.0}
+
+    async def detect(self, data: bytes, score_threshold: float, iou_threshold: float, max_detections: int) -> dict:
+        """Boxes on one image in its own pixels, or ``{"error", "reason"}`` like :meth:`predict`."""
+        from components.models.detector import postprocess, scale_boxes
+
+        start = time.perf_counter()
+        if self.task != "detect":
+            return {"error": f"the {self.tier} model {self.meta['model_name']} is not a detector", "reason": UNDECODABLE}
+        try:
+            image, orig = await asyncio.get_running_loop().run_in_executor(self._decode_pool,
+                                                                           self.preprocess_detection, data)
+        except ImageTooLargeError as exc:
+            return {"error": str(exc), "reason": TOO_LARGE}
+        except ImageTooSmallError as exc:
+            return {"error": str(exc), "reason": TOO_SMALL}
+        except ImageDecodeError as exc:
+            return {"error": str(exc), "reason": UNDECODABLE}
+        decoded, batch_size = await self._infer(image)
+        torch = self._torch
+        size = tuple(image.shape[-2:])
+        det = postprocess(torch.from_numpy(decoded)[None], score_threshold=score_threshold, iou_threshold=iou_threshold,
+                          max_detections=max_detections, image_hw=size)[0]
+        boxes = scale_boxes(det["boxes"], size, orig).tolist()
+        return {"detections": [{"box": [round(v, 2) for v in b], "label": self.class_names[int(c)],
+                                "label_index": int(c), "score": float(sc)}
+                               for b, c, sc in zip(boxes, det["labels"].tolist(), det["scores"].tolist())],
+                "image_size": list(orig), "model_version": self.model_version,
+                "model_name": str(self.meta["model_name"]), "batch_size": batch_size,
+                "compute_ms": (time.perf_counter() - start) * 1000.0}
 
     def stats(self) -> dict:
         """Batches run by this replica: how well requests are being batched."""
@@ -313,15 +371,15 @@ def _parse_mode(value, default: str) -> str:
     return value
 
 
-def _parse_threshold(value, default: float) -> float:
+def _parse_threshold(value, default: float, name: str = "threshold") -> float:
     if value is None or value == "":
         return default
     try:
         t = float(value)
     except (TypeError, ValueError):
-        raise _BadRequest(422, f"threshold must be a number in [0, 1], got {value!r}") from None
+        raise _BadRequest(422, f"{name} must be a number in [0, 1], got {value!r}") from None
     if not 0.0 <= t <= 1.0:  # also refuses NaN
-        raise _BadRequest(422, f"threshold must be a number in [0, 1], got {value!r}")
+        raise _BadRequest(422, f"{name} must be a number in [0, 1], got {value!r}")
     return t
 
 
@@ -346,11 +404,17 @@ class Router:
 
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, info: dict, *, default_mode: str = "cascade",
                  threshold: float = 0.5, max_body_bytes: int = 10_000_000, max_batch_images: int = 64,
-                 auth_token: str | None = None, auth_token_env: str | None = None, signal: dict | None = None):
+                 auth_token: str | None = None, auth_token_env: str | None = None, signal: dict | None = None,
+                 detection: dict | None = None):
         if default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
         self.edge, self.cloud = edge, cloud
         self.info = dict(info)
+        self.task = self.info["cloud"].get("task", "classify")
+        det = dict(detection or {})
+        self.score_threshold = float(det.get("score_threshold", 0.25))
+        self.iou_threshold = float(det.get("iou_threshold", 0.45))
+        self.max_detections = int(det.get("max_detections", 100))
         self.default_mode = default_mode
         self.threshold = float(threshold)
         self.max_body_bytes, self.max_batch_images = max_body_bytes, max_batch_images
@@ -417,7 +481,7 @@ class Router:
             raise _BadRequest(400, "uploaded file 'file' is empty")
         return data
 
-    def _json_batch(self, body: bytes) -> tuple[list[bytes], dict]:
+    def _json_batch(self, body: bytes, fields: tuple[str, ...] = ("mode", "threshold")) -> tuple[list[bytes], dict]:
         try:
             doc = json.loads(body)
         except (UnicodeDecodeError, ValueError) as exc:
@@ -430,9 +494,9 @@ class Router:
         if len(images) > self.max_batch_images:
             raise _BadRequest(413, f"{len(images)} images in one request, above the limit of "
                                    f"{self.max_batch_images}")
-        unknown = sorted(set(doc) - {"images", "mode", "threshold"})
+        unknown = sorted(set(doc) - {"images", *fields})
         if unknown:
-            raise _BadRequest(422, f"unknown JSON fields {unknown}; allowed: images, mode, threshold")
+            raise _BadRequest(422, f"unknown JSON fields {unknown}; allowed: images, {', '.join(fields)}")
         return [_b64decode(s, i) for i, s in enumerate(images)], doc
 
     # ------------------------------------------------------------------ routing
@@ -473,25 +537,12 @@ class Router:
         start = time.perf_counter()
         try:
             self._authorize(request)
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if ctype and not (ctype in ("multipart/form-data", "application/json")
-                              or ctype.startswith(RAW_CONTENT_TYPES)):
-                raise _BadRequest(415, f"unsupported content type {ctype!r}: send an image (image/*, "
-                                       "application/octet-stream), multipart/form-data with field 'file', or "
-                                       'application/json {"images": [base64, ...]}')
-            body = await self._read_body(request)
-            if not body:
-                raise _BadRequest(400, "empty request body: send an image as the body, as multipart field 'file', "
-                                       'or a JSON batch {"images": [base64, ...]}')
+            if self.task == "detect":
+                raise _BadRequest(404, "this app serves a detector: POST /detect")
+            images, ctype, doc = await self._images(request)
             query = request.query_params
-            if ctype == "application/json":
-                images, doc = self._json_batch(body)
-                mode = _parse_mode(doc.get("mode", query.get("mode")), self.default_mode)
-                threshold = _parse_threshold(doc.get("threshold", query.get("threshold")), self.threshold)
-            else:
-                images = [await self._multipart_file(request, body) if ctype == "multipart/form-data" else body]
-                mode = _parse_mode(query.get("mode"), self.default_mode)
-                threshold = _parse_threshold(query.get("threshold"), self.threshold)
+            mode = _parse_mode(doc.get("mode", query.get("mode")), self.default_mode)
+            threshold = _parse_threshold(doc.get("threshold", query.get("threshold")), self.threshold)
         except _BadRequest as exc:
             return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
         # The images of a batch go through the tiers concurrently, so the tiers batch them together.
@@ -504,6 +555,81 @@ class Router:
             return BatchPredictResponse(predictions=[PredictResponse(**r) for r in results],
                                         latency_ms=(time.perf_counter() - start) * 1000.0)
         return PredictResponse(**results[0])
+
+    async def _images(self, request: Request,
+                      fields: tuple[str, ...] = ("mode", "threshold")) -> tuple[list[bytes], str, dict]:
+        """The image(s) of a /predict or /detect request: (images, content type, JSON fields or {})."""
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype and not (ctype in ("multipart/form-data", "application/json")
+                          or ctype.startswith(RAW_CONTENT_TYPES)):
+            raise _BadRequest(415, f"unsupported content type {ctype!r}: send an image (image/*, "
+                                   "application/octet-stream), multipart/form-data with field 'file', or "
+                                   'application/json {"images": [base64, ...]}')
+        body = await self._read_body(request)
+        if not body:
+            raise _BadRequest(400, "empty request body: send an image as the body, as multipart field 'file', "
+                                   'or a JSON batch {"images": [base64, ...]}')
+        if ctype == "application/json":
+            images, doc = self._json_batch(body, fields)
+            return images, ctype, doc
+        return [await self._multipart_file(request, body) if ctype == "multipart/form-data" else body], ctype, {}
+
+    async def detect_one(self, data: bytes, mode: str, threshold: float, score_threshold: float,
+                         iou_threshold: float) -> dict:
+        """One image through the detector tiers; cascade escalates when the edge found an uncertain box."""
+        start = time.perf_counter()
+        latency, versions = {}, {}
+        escalate = mode == "cloud"
+        if mode in ("edge", "cascade"):
+            t = time.perf_counter()
+            result = await self.edge.detect.remote(data, score_threshold, iou_threshold, self.max_detections)
+            latency["edge"] = (time.perf_counter() - t) * 1000.0
+            if "error" in result:
+                return result
+            tier, versions["edge"] = "edge", result["model_version"]
+            escalate = mode == "cascade" and any(d["score"] < threshold for d in result["detections"])
+        if escalate:
+            t = time.perf_counter()
+            result = await self.cloud.detect.remote(data, score_threshold, iou_threshold, self.max_detections)
+            latency["cloud"] = (time.perf_counter() - t) * 1000.0
+            if "error" in result:
+                return result
+            tier, versions["cloud"] = "cloud", result["model_version"]
+        latency["total"] = (time.perf_counter() - start) * 1000.0
+        return {"detections": result["detections"], "image_size": result["image_size"], "tier": tier, "mode": mode,
+                "escalated": mode == "cascade" and escalate, "score_threshold": score_threshold,
+                "iou_threshold": iou_threshold, "model_name": result["model_name"], "model_versions": versions,
+                "latency_ms": latency}
+
+    @api.post("/detect", response_model=DetectResponse | BatchDetectResponse,
+              openapi_extra={"requestBody": _PREDICT_BODY},
+              responses={code: {"model": ErrorResponse, "description": why} for code, why in DETECT_ERRORS.items()})
+    async def detect(self, request: Request):
+        """Detect objects on one image (multipart field `file`, or the raw bytes) or a JSON batch of base64
+        images; `score_threshold`, `iou_threshold` (NMS) and `mode` as query parameters or JSON fields."""
+        start = time.perf_counter()
+        fields = ("mode", "threshold", "score_threshold", "iou_threshold")
+        try:
+            self._authorize(request)
+            if self.task != "detect":
+                raise _BadRequest(404, "this app serves a classifier: POST /predict")
+            images, ctype, doc = await self._images(request, fields)
+            q = {**request.query_params, **doc}
+            mode = _parse_mode(q.get("mode"), self.default_mode)
+            threshold = _parse_threshold(q.get("threshold"), self.threshold)
+            score = _parse_threshold(q.get("score_threshold"), self.score_threshold, "score_threshold")
+            iou = _parse_threshold(q.get("iou_threshold"), self.iou_threshold, "iou_threshold")
+        except _BadRequest as exc:
+            return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        results = await asyncio.gather(*(self.detect_one(data, mode, threshold, score, iou) for data in images))
+        for i, result in enumerate(results):
+            if "error" in result:
+                where = f"images[{i}]: " if ctype == "application/json" else ""
+                return _error(_STATUS[result["reason"]], where + result["error"])
+        if ctype == "application/json":
+            return BatchDetectResponse(predictions=[DetectResponse(**r) for r in results],
+                                       latency_ms=(time.perf_counter() - start) * 1000.0)
+        return DetectResponse(**results[0])
 
     @api.post("/predict_signal", response_model=SignalPredictResponse,
               responses={code: {"model": ErrorResponse, "description": why} for code, why in SIGNAL_ERRORS.items()})
@@ -614,7 +740,7 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
               max_batch_images: int = 64, edge: dict | None = None, cloud: dict | None = None,
               router: dict | None = None, auth_token: str | None = None, auth_token_env: str | None = None,
               calibration: dict | None = None, base_dir: str | None = None, files_sha256: dict | None = None,
-              signal: dict | None = None):
+              signal: dict | None = None, detection: dict | None = None):
     """The Serve application: ``Router.bind(EdgeClassifier.bind(...), CloudClassifier.bind(...), ...)``.
 
     ``cloud_model`` is the full model; ``edge_model`` the edge model (default: the full model, so a
@@ -627,6 +753,8 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
     Relative paths are taken from ``base_dir`` (else ``$RESOPS_HOME``, else the working directory).
     ``signal`` (fs, window, overlap, cwt: the prepare stage's settings of an EEG dataset) adds
     ``POST /predict_signal``, which turns a posted signal into those scalograms.
+    Detector model files (``resnet18_yolo``) make a detection app: ``POST /detect`` answers boxes,
+    ``detection`` holds its defaults (``score_threshold``, ``iou_threshold``, ``max_detections``).
     ``files_sha256`` (file name -> sha256, as the Serve config records them) pins the model files:
     a file that differs raises ``CheckpointError``, so a config never serves other weights than the
     ones it was written for.
@@ -667,6 +795,9 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
             model_path, onnx_path=onnx_path, model_version=version, temperature=temperature,
             max_image_pixels=max_image_pixels, min_image_side=min_image_side, max_batch_size=batch,
             batch_wait_timeout_s=wait, threads=threads, sha256=sha)
+    if info["edge"]["task"] != info["cloud"]["task"]:
+        raise ValueError(f"the edge model is a {info['edge']['task']} model and the cloud model a "
+                         f"{info['cloud']['task']} model: one app serves one task")
     if info["edge"]["class_names"] != info["cloud"]["class_names"]:
         raise ValueError(f"the edge model's classes {info['edge']['class_names']} differ from the cloud model's "
                          f"{info['cloud']['class_names']}: a cascade cannot mix them")
@@ -684,7 +815,7 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
     return Router.options(**router_options).bind(
         handles["edge"], handles["cloud"], info, default_mode=default_mode, threshold=threshold,
         max_body_bytes=max_body_bytes, max_batch_images=max_batch_images, auth_token=auth_token,
-        auth_token_env=auth_token_env, signal=signal)
+        auth_token_env=auth_token_env, signal=signal, detection=detection)
 
 
 def app_builder(args: dict):

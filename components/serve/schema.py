@@ -48,6 +48,34 @@ class SignalPredictResponse(BaseModel):
     latency_ms: float = Field(description="server-side time, scalograms included, in ms")
 
 
+class Detection(BaseModel):
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the image as sent")
+    label: str
+    label_index: int
+    score: float = Field(description="objectness x class probability")
+
+
+class DetectResponse(BaseModel):
+    """One image's detections, highest score first, and which tier found them."""
+
+    detections: list[Detection]
+    image_size: list[int] = Field(description="height, width of the image as sent")
+    tier: Literal["edge", "cloud"] = Field(description="the tier whose detector gave these boxes")
+    mode: Literal["edge", "cloud", "cascade"]
+    escalated: bool = Field(description="cascade: the edge found an uncertain box (score_threshold <= score < "
+                                        "threshold) and the cloud detector answered")
+    score_threshold: float
+    iou_threshold: float
+    model_name: str
+    model_versions: dict[str, str]
+    latency_ms: dict[str, float]
+
+
+class BatchDetectResponse(BaseModel):
+    predictions: list[DetectResponse]
+    latency_ms: float
+
+
 class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     default_mode: str
@@ -67,6 +95,7 @@ class TierInfo(BaseModel):
     num_classes: int
     image_size: int = Field(description="images are resized to image_size x image_size before inference")
     in_chans: int = Field(description="1: images are converted to grayscale; 3: to RGB")
+    task: Literal["classify", "detect"] = Field("classify", description="classify: POST /predict; detect: POST /detect")
 
 
 class ModelsResponse(BaseModel):
@@ -95,6 +124,10 @@ PREDICT_ERRORS: dict[int, str] = {
     415: "an unsupported content type, or bytes that are not a decodable image (unknown format, corrupt, truncated)",
     422: "multipart/form-data without a 'file' field, an image smaller than min_image_side, a bad mode or threshold",
 }
+
+# Documented error answers of POST /detect (the same checks as /predict; 404 on a classifier app).
+DETECT_ERRORS: dict[int, str] = {**PREDICT_ERRORS, 404: "this app serves a classifier (POST /predict)",
+                                 422: PREDICT_ERRORS[422] + ", a bad score_threshold or iou_threshold"}
 
 # Documented error answers of POST /predict_signal.
 SIGNAL_ERRORS: dict[int, str] = {
