@@ -258,3 +258,42 @@ def test_predictions_are_drawn_on_test_images(tmp_path):
 
     with Image.open(path) as im:
         assert im.size == (512, 512)
+
+
+# ------------------------------------------------------------------------------ pruning
+def test_detector_prunes_structured_and_unstructured_and_reloads(tmp_path):
+    import pandas as pd
+
+    from components.prune.structured import count_macs_params, save_structured, structured_prune
+    from components.prune.unstructured import apply_global_magnitude, make_permanent, save_sparse, sparsity_report
+    from components.train.detect import finetune_detector
+
+    meta = {"model_name": "resnet18_yolo", "num_classes": 2, "in_chans": 3, "image_size": 64,
+            "class_names": ["coal", "gangue"], "model_kwargs": {"width": 0.5}}
+    x = torch.rand(1, 3, 64, 64)
+    # Structured: half the MACs gone, every head keeps its anchors x (5 + classes) outputs.
+    model = create_model("resnet18_yolo", 2, 3, width=0.5)
+    macs0, params0 = count_macs_params(model, x)
+    report = structured_prune(model, x, ratio=0.5)
+    macs1, params1 = count_macs_params(model, x)
+    assert abs(1 - macs1 / macs0 - 0.5) < 0.03 and params1 < params0 and report.macs_after == macs1
+    assert [tuple(o.shape) for o in model.eval()(x)] == [(1, 3, 64 // s, 64 // s, 7) for s in STRIDES]
+    save_structured(tmp_path / "s.pt", model, meta)
+    loaded, _ = load_model(tmp_path / "s.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x)[1], model(x)[1])
+    # Unstructured: 60 % of the convolution weights zeroed, kept zero by fine-tuning, stored sparsely.
+    model = create_model("resnet18_yolo", 2, 3, width=0.5)
+    apply_global_magnitude(model, 0.6)
+    images, boxes = synthetic_conveyor(8, 64, seed=9)
+    frame = pd.DataFrame({"image": [encode_png(i) for i in images], "boxes": [json.dumps(b.tolist()) for b in boxes]})
+    losses = finetune_detector(model, frame, image_size=64, in_chans=3, epochs=2, batch_size=4, max_steps=3, threads=1)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    make_permanent(model)
+    assert abs(sparsity_report(model)["target_sparsity_measured"] - 0.6) < 0.01
+    save_sparse(tmp_path / "u.npz", model, meta)
+    save_model(tmp_path / "dense.pt", model, meta)
+    assert (tmp_path / "u.npz").stat().st_size < 0.75 * (tmp_path / "dense.pt").stat().st_size
+    sparse, _ = load_model(tmp_path / "u.npz")
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.eval()(x)[0], model.eval()(x)[0])

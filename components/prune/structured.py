@@ -190,15 +190,24 @@ def conv_channels(model: nn.Module) -> dict[str, int]:
     return {name: m.out_channels for name, m in unwrap(model).named_modules() if isinstance(m, _ConvNd)}
 
 
+def _shapes(out) -> list[tuple[int, ...]]:
+    """Output shape(s) of a classifier (one tensor) or a detector (a list of head tensors)."""
+    return [tuple(o.shape) for o in out] if isinstance(out, (list, tuple)) else [tuple(out.shape)]
+
+
 def default_ignored(model: nn.Module) -> list[nn.Module]:
-    """Modules whose outputs are never pruned: the classifier and SE squeeze convolutions."""
+    """Modules whose outputs are never pruned: the classifier (a detector's output convolutions)
+    and SE squeeze convolutions."""
     model = unwrap(model)
     classifier = getattr(model, "fc", None)
-    if not isinstance(classifier, nn.Linear):
+    if hasattr(model, "head_layers"):  # a detector: each head's anchors x (5 + classes) outputs stay
+        ignored = list(model.head_layers())
+    elif not isinstance(classifier, nn.Linear):
         raise StructuredPruningError(
             f"structured pruning needs the classifier as `model.fc` (nn.Linear) so its outputs stay; "
             f"{type(model).__name__} has {type(classifier).__name__ if classifier is not None else 'no fc'}")
-    ignored = [classifier]
+    else:
+        ignored = [classifier]
     for module in model.modules():
         if isinstance(module, SqueezeExcitation):
             ignored.append(module.fc1)
@@ -340,9 +349,9 @@ def structured_prune(model: nn.Module, example_input: Tensor, *, target: str = "
         pruned = candidates[best["channel_ratio"]]
         with torch.no_grad():
             out_after = pruned(example_input)
-        if out_after.shape != out_before.shape:
-            raise StructuredPruningError(f"pruning changed the output shape {tuple(out_before.shape)} -> "
-                                         f"{tuple(out_after.shape)}")
+        if _shapes(out_after) != _shapes(out_before):
+            raise StructuredPruningError(f"pruning changed the output shape {_shapes(out_before)} -> "
+                                         f"{_shapes(out_after)}")
         # the model itself becomes the pruned copy: same object, pruned submodules and tensors
         net._modules, net._parameters, net._buffers = pruned._modules, pruned._parameters, pruned._buffers
         if channels_last:  # torch-pruning's slices are contiguous; keep the memory format the model had

@@ -190,3 +190,42 @@ def detect_loop_per_worker(cfg: dict) -> None:
                 ray.train.report(record, checkpoint=None)
     if sink is not None:
         sink.finish()
+
+
+def finetune_detector(model: torch.nn.Module, frame, *, image_size: int, in_chans: int, epochs: int = 1,
+                      batch_size: int = 16, lr: float = 2e-4, weight_decay: float = 5e-4, policy: str | None = None,
+                      max_steps: int | None = None, seed: int = 0, threads: int = 2) -> list[float]:
+    """In-process fine-tuning of a (pruned) detector on the rows of ``frame`` (``image`` bytes and
+    ``boxes`` JSON): YOLOv3 loss, AdamW, constant ``lr``. Unstructured pruning's masks stay in place
+    (torch.nn.utils.prune re-parametrisation), so pruned weights stay zero. Returns the per-step
+    losses; leaves the model in eval mode."""
+    from components.augment.detection import detection_batch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    base = unwrap(model)
+    loss_fn = YoloLoss(base.num_classes)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    losses, step = [], 0
+    model.train()
+    for _ in range(epochs):
+        order = rng.permutation(len(frame))
+        for i in range(0, len(order), batch_size):
+            part = frame.iloc[order[i:i + batch_size]]
+            batch = detection_batch({"image": part["image"].to_numpy(), "boxes": part["boxes"].to_numpy()},
+                                    image_size=image_size, in_chans=in_chans, policy=policy, seed=seed)
+            x = torch.from_numpy(batch["image"]).contiguous(memory_format=torch.channels_last)
+            optimizer.zero_grad(set_to_none=True)
+            loss, _ = loss_fn(model(x), targets_list(torch.from_numpy(batch["targets"])), base.anchors,
+                              tuple(x.shape[-2:]))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            if max_steps is not None and step >= max_steps:
+                model.eval()
+                return losses
+    model.eval()
+    return losses
