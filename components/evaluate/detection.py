@@ -17,7 +17,7 @@ import torch
 from components.augment.detection import detection_batch
 from components.data.detection import boxes_from_json, yolo_to_xyxy
 from components.models.detector import detect
-from components.train.detect import map_summary, target_dicts
+from components.train.detect import compute_quietly, map_summary, target_dicts
 
 COLOURS = [(230, 60, 40), (40, 120, 230), (240, 200, 30), (150, 60, 200), (30, 190, 170), (250, 130, 20)]
 
@@ -50,12 +50,12 @@ def detection_metrics(preds: list[dict], gts: list[dict], class_names: list[str]
 
     coco = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools")
     coco.update(preds, gts)
-    out = map_summary(coco.compute(), class_names)
+    out = map_summary(compute_quietly(coco), class_names)
     out["ap_50_95_per_class"] = out.pop("ap_per_class")
     at50 = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[0.5], class_metrics=True,
                                 extended_summary=True, backend="pycocotools")
     at50.update(preds, gts)
-    r = at50.compute()
+    r = compute_quietly(at50)
     ids = r["classes"].reshape(-1).tolist()
     out["ap_50_per_class"] = {class_names[int(i)]: float(v) for i, v in zip(ids, r["map_per_class"].reshape(-1).tolist())}
     # precision: (iou thresholds, recall thresholds, classes, area ranges, max detections); area "all", 100 dets.

@@ -11,6 +11,8 @@ synchronised across workers by torchmetrics), a checkpoint (model, optimizer, st
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import tempfile
@@ -86,6 +88,12 @@ def evaluate_batches(model: torch.nn.Module, batches, device: torch.device, *, s
         metric.update([{k: v.cpu() for k, v in d.items()} for d in dets], target_dicts(batch["targets"].cpu(), hw))
         n += len(x)
     return metric, n
+
+
+def compute_quietly(metric) -> dict:
+    """``metric.compute()`` without pycocotools' summary table on stdout (the numbers are returned)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        return metric.compute()
 
 
 def map_summary(result: dict, class_names: list[str] | None = None) -> dict:
@@ -166,7 +174,7 @@ def detect_loop_per_worker(cfg: dict) -> None:
             parts_sum += np.array([parts["box"], parts["obj"], parts["cls"]]) * len(x)
         seconds = time.perf_counter() - t0
         metric, _ = evaluate_batches(model, val_shard.iter_torch_batches(batch_size=32, dtypes=dtypes), device)
-        val = map_summary(metric.compute())  # torchmetrics gathers every worker's state
+        val = map_summary(compute_quietly(metric))  # torchmetrics gathers every worker's state
         record = {"epoch": epoch + 1, "start_epoch": start_epoch, "lr": optimizer.param_groups[0]["lr"],
                   "train_loss": loss_sum / max(seen, 1),
                   **{f"train_{k}_loss": float(v) / max(seen, 1) for k, v in zip(("box", "obj", "cls"), parts_sum)},
