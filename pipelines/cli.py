@@ -13,13 +13,29 @@ def _params(args):
     return load_params(args.params, args.set)
 
 
-def _stage_names(stages: list[str]) -> list[str]:
-    from pipelines.stages import STAGES
+def pipeline_stages(params) -> dict:
+    """The stage functions of the params' pipeline: ``pipeline: detect`` (pipelines/detect/params.yaml)
+    runs the detection stages, anything else (the default params.yaml has no key) the classification ones."""
+    kind = params.get("pipeline", "classify")
+    if kind == "detect":
+        from pipelines.detect_stages import STAGES
+    elif kind == "classify":
+        from pipelines.stages import STAGES
+    else:
+        raise ValueError(f"{params.source}: pipeline must be classify or detect, got {kind!r}")
+    return STAGES
 
+
+def _stage_names(stages: list[str], known: dict | None = None) -> list[str]:
+    if known is None:
+        from pipelines.stages import STAGES as known
     if "all" in stages:
         if len(stages) > 1:
             raise ValueError("'all' runs every stage: name no other stage with it")
-        return list(STAGES)
+        return list(known)
+    unknown = [s for s in stages if s not in known]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown} of this pipeline; its stages: {', '.join(known)}")
     return list(stages)
 
 
@@ -28,11 +44,17 @@ def cmd_run(args) -> int:
     import os
 
     from pipelines import submit
-    from pipelines.stages import STAGES
 
     params = _params(args)
-    names = _stage_names(args.stages)
-    remote = set(params("cluster.submit") or [])
+    STAGES = pipeline_stages(params)
+    names = _stage_names(args.stages, STAGES)
+    if params.get("pipeline", "classify") == "detect":
+        if (params.get("cluster") or {}).get("submit"):
+            raise ValueError("cluster.submit is not supported by the detection pipeline yet: run its stages here "
+                             "(train joins a cluster through ray.address or RAY_ADDRESS)")
+        remote = set()
+    else:
+        remote = set(params("cluster.submit") or [])
     if "all" in remote:
         remote = set(STAGES)
     if args.local or os.environ.get(submit.IN_JOB_ENV):
@@ -176,12 +198,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="override a parameter for this run, e.g. -S train.epochs=2 (repeatable)")
     sub = ap.add_subparsers(dest="command", required=True)
 
+    from pipelines.detect_stages import STAGES as DETECT_STAGES
     from pipelines.stages import STAGES
 
     r = sub.add_parser("run", help="run pipeline stages (what each DVC stage calls); stages in cluster.submit "
                                    "run as a job on the cluster")
-    r.add_argument("stages", nargs="+", choices=[*STAGES, "all"], metavar="STAGE",
-                   help=f"one or more of {', '.join(STAGES)}, or all")
+    r.add_argument("stages", nargs="+", choices=[*STAGES, *(s for s in DETECT_STAGES if s not in STAGES), "all"],
+                   metavar="STAGE", help=f"one or more of {', '.join(STAGES)} (detection pipeline: "
+                                         f"{', '.join(DETECT_STAGES)}), or all")
     r.add_argument("--local", action="store_true", help="run here even if cluster.submit lists the stage")
     r.add_argument("--export", metavar="URI", help="afterwards copy the stages' outputs to this path or s3:// URI")
     r.set_defaults(func=cmd_run)
