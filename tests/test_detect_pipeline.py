@@ -1,6 +1,6 @@
-"""The detection pipeline end to end: `dvc repro` of pipelines/detect/dvc.yaml in a fresh git + DVC
-project on tiny synthetic scenes: scenes -> shards -> Ray Train -> pruning -> mAP -> promoted models
-and a Serve config for POST /detect."""
+"""The detection pipeline end to end: `dvc repro` of pipelines/detect/dvc.yaml (a DVC subrepo, so the
+root pipeline's `dvc repro` never runs it) in a fresh git + DVC project on tiny synthetic scenes:
+scenes -> shards -> Ray Train -> pruning -> mAP -> promoted models and a Serve config for POST /detect."""
 from __future__ import annotations
 
 import json
@@ -24,7 +24,8 @@ def test_detection_pipeline_runs_with_dvc_repro(tmp_path, ray_address):
     proj = tmp_path / "proj"
     proj.mkdir()
     for item in ("components", "pipelines"):
-        shutil.copytree(ROOT / item, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(ROOT / item, proj / item,
+                        ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
     shutil.copytree(ROOT / ".dvc", proj / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
     work = proj / "pipelines" / "detect"
     for produced in ("data", "models", "metrics", "plots", "reports", "dvc.lock"):  # a local run's outputs
@@ -61,3 +62,6 @@ def test_detection_pipeline_runs_with_dvc_repro(tmp_path, ray_address):
     assert args["edge_model"].endswith("edge.npz") and args["detection"]["score_threshold"] == 0.25
     status = subprocess.run(["dvc", "status"], cwd=work, env=env, capture_output=True, text=True)
     assert status.returncode == 0 and "up to date" in status.stdout, status.stdout + status.stderr
+    # The root project's pipeline does not include the detection stages.
+    root = subprocess.run(["dvc", "stage", "list"], cwd=proj, env=env, capture_output=True, text=True)
+    assert "promote" not in root.stdout and "ingest" not in root.stdout, root.stdout + root.stderr

@@ -62,7 +62,8 @@ def copy_pipeline(proj: Path, params: dict | None = None) -> None:
     """This repo's pipeline (dvc.yaml, code) into ``proj``, with params.yaml = TINY + ``params``."""
     for item in ("dvc.yaml", "components", "pipelines"):
         src = ROOT / item
-        (shutil.copytree(src, proj / item, ignore=shutil.ignore_patterns("__pycache__"))
+        (shutil.copytree(src, proj / item,  # not the detection subrepo's DVC cache
+                         ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
          if src.is_dir() else shutil.copy2(src, proj / item))
     tree = yaml.safe_load((ROOT / "params.yaml").read_text())
     for k, v in {**TINY, **(params or {})}.items():
@@ -248,6 +249,10 @@ def test_every_model_variant_trains_through_dvc_exp_run(repro, variant):
     _check_variant(proj, variant, epochs=1)
 
 
+# The next two re-run most stages (each a process joining Ray: ~30 s a stage on 2 cores); they run with
+# `pytest -m slow`. Their parts are in CI: GAN training and GAN rows in test_gan.py/test_rebalance.py,
+# sparse models in test_prune.py/test_compress.py, EEG prepare/serving in test_eeg_prepare.py/test_serve.py.
+@pytest.mark.slow
 def test_gan_rows_and_an_unstructured_sparse_edge_model_end_to_end(repro):
     """rebalance.strategy=gan: a generator is trained and its rows reach training only.
     prune.method=unstructured: the edge model is a sparse file at the requested sparsity, served by torch.
@@ -288,6 +293,7 @@ def test_gan_rows_and_an_unstructured_sparse_edge_model_end_to_end(repro):
     assert args["edge_model"].endswith("edge.npz") and "edge_onnx" not in args
 
 
+@pytest.mark.slow
 def test_eeg_pipeline_runs_end_to_end_on_synthetic_signals(repro):
     """Signals in (a Bonn-layout folder of synthetic EEG), CWT scalograms versioned as the prepared
     data, then the same train/prune/evaluate/promote/calibrate stages as images."""
