@@ -184,9 +184,10 @@ def cmd_predict(args) -> int:
     token = os.environ.get(args.token_env) if args.token_env else None
     if token:
         headers["authorization"] = f"Bearer {token}"
-    query = {k: v for k, v in (("mode", args.mode), ("threshold", args.threshold)) if v is not None}
-    r = httpx.post(args.url.rstrip("/") + ("/predict_signal" if signal_type else "/predict"), content=data, params=query, headers=headers,
-                   timeout=args.timeout)
+    query = {k: v for k, v in (("mode", args.mode), ("threshold", args.threshold),
+                               ("score_threshold", args.score_threshold)) if v is not None}
+    path = "/predict_signal" if signal_type else ("/detect" if args.detect else "/predict")
+    r = httpx.post(args.url.rstrip("/") + path, content=data, params=query, headers=headers, timeout=args.timeout)
     print(json.dumps(r.json(), indent=2))
     return 0 if r.status_code == 200 else 1
 
@@ -243,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
 
     pr = sub.add_parser("predict", help="send an image to a running resops server and print the answer")
     pr.add_argument("file")
+    pr.add_argument("--detect", action="store_true", help="a detection app: POST /detect (boxes)")
+    pr.add_argument("--score-threshold", type=float, help="--detect: lowest box score to return")
     pr.add_argument("--url", default="http://127.0.0.1:8000")
     pr.add_argument("--mode", choices=["edge", "cloud", "cascade"], help="routing mode (default: the server's)")
     pr.add_argument("--threshold", type=float, help="cascade escalation threshold (default: the calibrated one)")

@@ -118,3 +118,18 @@ def test_detect_refuses_malformed_input_like_predict(client):
     r = client.post("/predict", content=_scene(4))
     assert r.status_code == 404 and "POST /detect" in r.json()["error"]
     assert client.get("/models").json()["cloud"]["task"] == "detect"
+
+
+def test_resops_predict_detect_posts_to_detect(client, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    image = tmp_path / "scene.png"
+    image.write_bytes(_scene(5))
+    out = subprocess.run([sys.executable, "-m", "pipelines.cli", "predict", str(image), "--detect", "--url",
+                          str(client.base_url), "--score-threshold", "0.0001", "--mode", "cloud"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    answer = json.loads(out.stdout)
+    assert answer["tier"] == "cloud" and answer["score_threshold"] == 0.0001 and answer["image_size"] == [80, 96]
