@@ -269,7 +269,7 @@ def promote(p: Params) -> dict:
         s = p("serve")
         args = {"cloud_model": str(PROMOTED / "full.pt"), "edge_model": str(PROMOTED / f"edge{edge.suffix}"),
                 "model_version": f"detect-{time.strftime('%Y%m%d-%H%M%S')}", "threshold": s["threshold"],
-                "default_mode": s["default_mode"], "base_dir": str(Path.cwd()),
+                "default_mode": s["default_mode"],
                 "detection": {k: s[k] for k in ("score_threshold", "iou_threshold", "max_detections")},
                 "edge": dict(s["edge"]), "cloud": dict(s["cloud"])}
         write_serve_config(SERVE_DIR / "serve_config.yaml", build_serve_config(args, host=s["host"], port=s["port"]))
