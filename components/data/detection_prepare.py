@@ -19,8 +19,7 @@ import pandas as pd
 
 from components.data.detection import DetectionSet, boxes_from_json
 from components.data.images import ImageDecodeError, decode_image
-from components.data.prepare import SPLITS, PrepareResult, split_records
-from components.data.shards import write_shards
+from components.data.prepare import SPLITS, PrepareResult, split_by_group, write_prepared
 
 COLUMNS = ["image", "path", "boxes", "num_boxes", "label", "split", "group", "sha256", "width", "height", "source",
            "attrs"]
@@ -63,15 +62,9 @@ def prepare_detection(ds: DetectionSet, out_dir: str | Path, *, dataset: str, in
     if not rows:
         raise ValueError(f"no usable image in dataset {dataset!r}")
     frame = pd.DataFrame(rows)
-    groups = frame.groupby("group", sort=True)["label"].first().reset_index().rename(columns={"label": "stratify"})
-    side = dict(zip(groups["group"], split_records(groups, test_size, val_size, seed)))
-    frame["split"] = [side[g] for g in frame["group"]]
+    frame["split"] = split_by_group(frame.assign(stratify=frame["label"]), test_size, val_size, seed)
     frame = frame[COLUMNS].sort_values(["split", "path"], kind="stable").reset_index(drop=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = write_shards(frame, out_dir / "shards", rows_per_shard)
-    manifest = frame.drop(columns=["image"])
-    manifest["shard"] = [shards[i // rows_per_shard] for i in range(len(frame))]
-    manifest.to_parquet(out_dir / "manifest.parquet", index=False)
+    manifest, shards = write_prepared(frame, out_dir, rows_per_shard)
     names = list(ds.class_names)
     box_counts = {}
     for s in SPLITS:

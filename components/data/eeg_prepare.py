@@ -21,18 +21,9 @@ import pandas as pd
 
 from components.augment.cwt import cwt_kwargs, save_example_scalograms, scalogram_batch
 from components.data.eeg import EEGDataset, reassemble_by_class, segment
-from components.data.prepare import SPLITS, PrepareResult, split_records
-from components.data.shards import write_shards
+from components.data.prepare import SPLITS, PrepareResult, split_by_group, write_prepared
 
 COLUMNS = ["image", "path", "label", "label_name", "split", "group", "sha256", "width", "height", "source", "attrs"]
-
-
-def split_by_recording(records: pd.DataFrame, test_size: float, val_size: float, seed: int) -> np.ndarray:
-    """train/val/test per row, drawn per recording (``group``), stratified by its class: rows that
-    come from one recording (windows an EDF reader already cut) share a side."""
-    groups = records.reset_index(drop=True).groupby("group", sort=True)["stratify"].first().reset_index()
-    side = dict(zip(groups["group"], split_records(groups, test_size, val_size, seed)))
-    return np.array([side[g] for g in records["group"]], dtype=object)
 
 
 def window_rows(ds: EEGDataset, split: np.ndarray, window: int, overlap: int) -> tuple[pd.DataFrame, np.ndarray]:
@@ -76,7 +67,7 @@ def prepare_eeg(ds: EEGDataset, out_dir: str | Path, *, dataset: str, task: str,
     """Write ``out_dir/shards``, ``manifest.parquet``, ``report.json`` and ``scalograms.png`` for ``ds``."""
     cwt = dict(cwt or {})
     out_dir = Path(out_dir)
-    split = split_by_recording(ds.records, test_size, val_size, seed)
+    split = split_by_group(ds.records, test_size, val_size, seed)  # by recording, before windowing
     frame, signals = window_rows(ds, split, window, overlap)
     added = {}
     if reassemble_per_class:
@@ -97,11 +88,7 @@ def prepare_eeg(ds: EEGDataset, out_dir: str | Path, *, dataset: str, task: str,
     frame["label"] = frame["label"].astype("int64")
     frame["label_name"] = [ds.class_names[i] for i in frame["label"]]
     frame = frame[COLUMNS].sort_values(["split", "path"], kind="stable").reset_index(drop=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards = write_shards(frame, out_dir / "shards", rows_per_shard)
-    manifest = frame.drop(columns=["image"])
-    manifest["shard"] = [shards[i // rows_per_shard] for i in range(len(frame))]
-    manifest.to_parquet(out_dir / "manifest.parquet", index=False)
+    manifest, shards = write_prepared(frame, out_dir, rows_per_shard)
     real = ds.signals
     examples = save_example_scalograms({name: real[ds.labels == k][:examples_per_class]
                                         for k, name in enumerate(ds.class_names) if (ds.labels == k).any()},

@@ -68,6 +68,25 @@ def split_records(frame: pd.DataFrame, test_size: float, val_size: float, seed: 
     return split
 
 
+def split_by_group(frame: pd.DataFrame, test_size: float, val_size: float, seed: int) -> np.ndarray:
+    """train/val/test per row, drawn per ``group`` (stratified by the group's first ``stratify``
+    value): rows of one group (the windows of one EEG recording, one detection image) share a side."""
+    groups = frame.reset_index(drop=True).groupby("group", sort=True)["stratify"].first().reset_index()
+    side = dict(zip(groups["group"], split_records(groups, test_size, val_size, seed)))
+    return np.array([side[g] for g in frame["group"]], dtype=object)
+
+
+def write_prepared(frame: pd.DataFrame, out_dir: Path, rows_per_shard: int) -> tuple[pd.DataFrame, list[str]]:
+    """Prepared rows (sorted, image bytes included) -> ``out_dir/shards`` and ``out_dir/manifest.parquet``
+    (the rows without their bytes, each with its shard); returns (manifest, shard files)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shards = write_shards(frame, out_dir / "shards", rows_per_shard)
+    manifest = frame.drop(columns=["image"])
+    manifest["shard"] = [shards[i // rows_per_shard] for i in range(len(frame))]
+    manifest.to_parquet(out_dir / "manifest.parquet", index=False)
+    return manifest, shards
+
+
 def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task: str, *, in_chans: int = 1,
                     test_size: float = 0.25, val_size: float = 0.15, seed: int = 42, skip_corrupt: bool = False,
                     rows_per_shard: int = 512, max_image_pixels: int = 50_000_000, threads: int = 4) -> PrepareResult:
@@ -113,11 +132,7 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task
     frame["label"] = frame["label"].astype("int64")
     cols = ["image", "path", "label", "label_name", "split", "group", "sha256", "width", "height", "source", "attrs"]
     frame = frame[cols].sort_values(["split", "path"], kind="stable").reset_index(drop=True)
-    shards = write_shards(frame, out_dir / "shards", rows_per_shard)
-
-    manifest = frame.drop(columns=["image"])
-    manifest["shard"] = [shards[i // rows_per_shard] for i in range(len(frame))]
-    manifest.to_parquet(out_dir / "manifest.parquet", index=False)
+    manifest, shards = write_prepared(frame, out_dir, rows_per_shard)
     counts = {s: {records.class_names[k]: int(v) for k, v in sorted(manifest.loc[manifest.split == s, "label"].value_counts().items())}
               for s in SPLITS}
     report.update(num_prepared=len(manifest), counts=counts, shards=shards,
