@@ -15,17 +15,16 @@ import contextlib
 import io
 import json
 import math
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from components.models.checkpoint import save_model, unwrap
+from components.models.checkpoint import unwrap
 from components.models.detector import YoloLoss, decode, postprocess
 from components.models.registry import create_model
-from components.train.loop import MODEL_FILE, STATE_FILE, _WandbSink, autocast, model_meta, progress
+from components.train.loop import _WandbSink, autocast, progress, report_epoch, restore_checkpoint
 
 DETECTION_COLUMNS = ["image", "boxes", "split"]
 
@@ -132,9 +131,7 @@ def detect_loop_per_worker(cfg: dict) -> None:
     start_epoch, step, history = 0, 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"])
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = restore_checkpoint(checkpoint, model)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = int(state["epoch"]) + 1, int(state["step"]), json.loads(state["history"])
         if rank == 0:
@@ -187,15 +184,8 @@ def detect_loop_per_worker(cfg: dict) -> None:
                      f"{record['train_cls_loss']:.3f})  val mAP@0.5 {val['map_50']:.3f}  mAP@0.5:0.95 "
                      f"{val['map_50_95']:.3f}  {record['images_per_second']:.1f} img/s  lr {record['lr']:.2e}")
             sink.log(record, step=epoch + 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_model(Path(tmp) / MODEL_FILE, model, model_meta(cfg))
-                torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "step": step,
-                            "history": json.dumps(history)}, Path(tmp) / STATE_FILE)
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-            else:
-                ray.train.report(record, checkpoint=None)
+        report_epoch(record, model, cfg, rank, epoch, lambda: {
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": json.dumps(history)})
     if sink is not None:
         sink.finish()
 

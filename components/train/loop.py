@@ -133,6 +133,29 @@ def progress(line: str) -> None:
     os.write(1, (line + "\n").encode())
 
 
+def restore_checkpoint(checkpoint, model: nn.Module) -> dict:
+    """Load a Ray Train checkpoint's weights into ``model``; return its training state
+    (optimizer, epoch, history, and what else the loop saved)."""
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"])
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def report_epoch(record: dict, model: nn.Module, cfg: dict, rank: int, epoch: int, state) -> None:
+    """``ray.train.report`` one epoch's metrics; rank 0 attaches the checkpoint ``epoch_NNNN``: the
+    model file and ``state()`` (the training state, built only on rank 0)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            save_model(Path(tmp) / MODEL_FILE, model, model_meta(cfg))
+            torch.save(state(), Path(tmp) / STATE_FILE)
+            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
+                             checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        else:
+            ray.train.report(record, checkpoint=None)
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train worker entry point: DDP ResNet training with a checkpoint every epoch.
 
@@ -169,9 +192,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         0.5 * (1 + math.cos(math.pi * (e - warmup + 1) / (epochs - warmup + 1))))
     start_epoch, history = 0, []
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"])
-            state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+        state = restore_checkpoint(checkpoint, model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, history = int(state["epoch"]) + 1, json.loads(state["history"])
@@ -216,14 +237,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                   f"val_acc {record['val_accuracy']:.3f}  val_bal_acc {record['val_balanced_accuracy']:.3f}  "
                   f"val_f1 {record['val_macro_f1']:.3f}  {record['images_per_second']:.1f} img/s  lr {lr:.2e}")
             sink.log(record, step=epoch + 1)
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_model(Path(tmp) / MODEL_FILE, model, model_meta(cfg))
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "epoch": epoch, "history": json.dumps(history)}, Path(tmp) / STATE_FILE)
-                ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-            else:
-                ray.train.report(record, checkpoint=None)
+        report_epoch(record, model, cfg, rank, epoch, lambda: {
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "epoch": epoch,
+            "history": json.dumps(history)})
     if sink is not None:
         sink.finish()
