@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 import pytest
 
@@ -23,6 +24,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(client, what: str, timeout: float = 60.0) -> None:
+    """Poll ``GET /healthz`` of a deployed app until it answers 200: the app may run before Serve's
+    proxy routes to it. Fails after ``timeout`` seconds."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if client.get("/healthz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not answer /healthz within {timeout:g} s"
+        time.sleep(0.2)
 
 
 @pytest.fixture(scope="session")

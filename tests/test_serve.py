@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import struct
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -23,7 +22,7 @@ from components.prune import OnnxClassifier, export_onnx, quantize_onnx
 from components.serve.app import build_app
 from components.serve.config import (IMPORT_PATH, build_serve_config, deploy_config, load_serve_config,
                                      write_serve_config)
-from conftest import free_port
+from conftest import free_port, wait_healthy
 
 CLASSES = ["ok", "crack", "finger"]
 VERSION = "v-test-7"
@@ -95,15 +94,7 @@ def server(ray_address, files, tmp_path_factory):
     deploy_config(config, base_dir=files)
     used = {r: before.get(r, 0.0) - ray.available_resources().get(r, 0.0) for r in ("edge", "cloud")}
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
-        deadline = time.monotonic() + 60
-        while True:  # the app runs; the proxy may need a moment longer to route to it
-            try:
-                if client.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "serve app did not answer /healthz within 60 s"
-            time.sleep(0.2)
+        wait_healthy(client, "serve app")  # the app runs; the proxy may need a moment longer to route to it
         client.resources_used = used
         client.port, client.config = port, config
         yield client

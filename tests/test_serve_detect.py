@@ -3,7 +3,6 @@ Serve config on a loopback port; answers compared with the same detector run in 
 from __future__ import annotations
 
 import base64
-import time
 
 import httpx
 import numpy as np
@@ -17,7 +16,7 @@ from components.data.images import encode_png
 from components.models import create_model, load_model, save_model
 from components.models.detector import detect, scale_boxes
 from components.serve.config import build_serve_config, deploy_config, load_serve_config, write_serve_config
-from conftest import free_port
+from conftest import free_port, wait_healthy
 
 CLASSES = ["coal", "gangue"]
 SIZE = 64
@@ -48,15 +47,7 @@ def client(ray_address, files, tmp_path_factory):
                               build_serve_config(args, host="127.0.0.1", port=port))
     deploy_config(load_serve_config(path), base_dir=files)
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as c:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if c.get("/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "detection app did not answer /healthz within 60 s"
-            time.sleep(0.2)
+        wait_healthy(c, "detection app")  # the app runs; the proxy may need a moment longer to route to it
         yield c
     serve.shutdown()
 

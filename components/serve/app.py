@@ -239,16 +239,23 @@ class _Tier:
         st["max_batch_size"] = max(st["max_batch_size"], len(images))
         return [(p, len(images)) for p in probs]
 
+    async def _decode(self, preprocess, data: bytes) -> tuple[object, dict | None]:
+        """``(preprocess(data), None)`` computed off the event loop, or ``(None, {"error", "reason"})``
+        naming why the bytes are not a usable image."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, preprocess, data), None
+        except ImageTooLargeError as exc:
+            return None, {"error": str(exc), "reason": TOO_LARGE}
+        except ImageTooSmallError as exc:
+            return None, {"error": str(exc), "reason": TOO_SMALL}
+        except ImageDecodeError as exc:
+            return None, {"error": str(exc), "reason": UNDECODABLE}
+
     async def predict(self, data: bytes) -> dict:
         start = time.perf_counter()
-        try:
-            image = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self.preprocess, data)
-        except ImageTooLargeError as exc:
-            return {"error": str(exc), "reason": TOO_LARGE}
-        except ImageTooSmallError as exc:
-            return {"error": str(exc), "reason": TOO_SMALL}
-        except ImageDecodeError as exc:
-            return {"error": str(exc), "reason": UNDECODABLE}
+        image, error = await self._decode(self.preprocess, data)
+        if error:
+            return error
         probs, batch_size = await self._infer(image)
         index = int(np.argmax(probs))
         return {"label": self.class_names[index], "label_index": index, "confidence": float(probs[index]),
@@ -263,15 +270,10 @@ class _Tier:
         start = time.perf_counter()
         if self.task != "detect":
             return {"error": f"the {self.tier} model {self.meta['model_name']} is not a detector", "reason": UNDECODABLE}
-        try:
-            image, orig = await asyncio.get_running_loop().run_in_executor(self._decode_pool,
-                                                                           self.preprocess_detection, data)
-        except ImageTooLargeError as exc:
-            return {"error": str(exc), "reason": TOO_LARGE}
-        except ImageTooSmallError as exc:
-            return {"error": str(exc), "reason": TOO_SMALL}
-        except ImageDecodeError as exc:
-            return {"error": str(exc), "reason": UNDECODABLE}
+        decoded_input, error = await self._decode(self.preprocess_detection, data)
+        if error:
+            return error
+        image, orig = decoded_input
         decoded, batch_size = await self._infer(image)
         torch = self._torch
         size = tuple(image.shape[-2:])
@@ -355,6 +357,18 @@ _PREDICT_PARAMS = [
      "description": "cascade only: escalate when the edge's calibrated confidence is below this "
                     "(default: the calibrated threshold)"},
 ]
+
+
+def _answer(results: list[dict], ctype: str, start: float, one, batch):
+    """The HTTP answer to one image (``one(**result)``) or a JSON batch (``batch(predictions=...)``);
+    the first tier error becomes its status code, naming the image of a batch."""
+    for i, result in enumerate(results):
+        if "error" in result:
+            where = f"images[{i}]: " if ctype == "application/json" else ""
+            return _error(_STATUS[result["reason"]], where + result["error"])
+    if ctype == "application/json":
+        return batch(predictions=[one(**r) for r in results], latency_ms=(time.perf_counter() - start) * 1000.0)
+    return one(**results[0])
 
 
 class _BadRequest(Exception):
@@ -547,14 +561,7 @@ class Router:
             return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
         # The images of a batch go through the tiers concurrently, so the tiers batch them together.
         results = await asyncio.gather(*(self.classify(data, mode, threshold) for data in images))
-        for i, result in enumerate(results):
-            if "error" in result:
-                where = f"images[{i}]: " if ctype == "application/json" else ""
-                return _error(_STATUS[result["reason"]], where + result["error"])
-        if ctype == "application/json":
-            return BatchPredictResponse(predictions=[PredictResponse(**r) for r in results],
-                                        latency_ms=(time.perf_counter() - start) * 1000.0)
-        return PredictResponse(**results[0])
+        return _answer(results, ctype, start, PredictResponse, BatchPredictResponse)
 
     async def _images(self, request: Request,
                       fields: tuple[str, ...] = ("mode", "threshold")) -> tuple[list[bytes], str, dict]:
@@ -622,14 +629,7 @@ class Router:
         except _BadRequest as exc:
             return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
         results = await asyncio.gather(*(self.detect_one(data, mode, threshold, score, iou) for data in images))
-        for i, result in enumerate(results):
-            if "error" in result:
-                where = f"images[{i}]: " if ctype == "application/json" else ""
-                return _error(_STATUS[result["reason"]], where + result["error"])
-        if ctype == "application/json":
-            return BatchDetectResponse(predictions=[DetectResponse(**r) for r in results],
-                                       latency_ms=(time.perf_counter() - start) * 1000.0)
-        return DetectResponse(**results[0])
+        return _answer(results, ctype, start, DetectResponse, BatchDetectResponse)
 
     @api.post("/predict_signal", response_model=SignalPredictResponse,
               responses={code: {"model": ErrorResponse, "description": why} for code, why in SIGNAL_ERRORS.items()})
