@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from pipelines.params import Params
 from pipelines.runtime import init_ray
+from pipelines.stages import METRICS, _say, _write_json, record_training
 
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
@@ -34,19 +34,8 @@ TRAIN_MODEL = Path("models/train/model.pt")
 PRUNE_DIR = Path("models/prune")
 PROMOTED = Path("models/promoted")
 SERVE_DIR = Path("models/serve")
-METRICS = Path("metrics")
-PLOTS = Path("plots")
 REPORTS = Path("reports/evaluation")
 DATASETS = ("synthetic_conveyor", "yolo", "coco")
-
-
-def _say(msg: str) -> None:
-    print(f"[resops] {msg}", flush=True)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def _read_raw(p: Params):
@@ -145,12 +134,7 @@ def train(p: Params) -> dict:
               keep_checkpoints=p("train.keep_checkpoints"), online_policy=p("train.augment"),
               data_digest=prep["data_digest"])
     last = res.history[-1]
-    summary = {**{k: v for k, v in last.items() if k != "start_epoch"}, "epochs_run": len(res.history),
-               "resumed_from_epoch": max(h["start_epoch"] for h in res.history), "wall_seconds": time.time() - t0,
-               "anchors": anchor_info}
-    _write_json(METRICS / "train.json", summary)
-    PLOTS.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(res.history).to_csv(PLOTS / "train_history.csv", index=False)
+    summary = record_training(res, t0, anchors=anchor_info)
     _say(f"train: {len(res.history)} epochs, val mAP@0.5 {last['val_map_50']:.3f}, mAP@0.5:0.95 "
          f"{last['val_map_50_95']:.3f}; model at {TRAIN_MODEL}")
     return summary

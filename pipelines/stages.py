@@ -269,14 +269,21 @@ def train(p: Params) -> dict:
               keep_checkpoints=p("train.keep_checkpoints"),
               online_policy=p("augment.policy") if p("augment.online") else None, data_digest=prep["data_digest"])
     last = res.history[-1]
-    summary = {**{k: v for k, v in last.items() if k != "start_epoch"}, "epochs_run": len(res.history),
+    summary = record_training(res, t0, pretrained=transfer)
+    _say(f"train: {len(res.history)} epochs, val accuracy {last['val_accuracy']:.3f}, "
+         f"val macro-F1 {last['val_macro_f1']:.3f}; model at {TRAIN_MODEL}")
+    return summary
+
+
+def record_training(res, t0: float, **extra) -> dict:
+    """metrics/train.json (the last epoch, epochs run, the epoch resumed from, wall time, run name and
+    ``extra``) and plots/train_history.csv (one row per epoch) of a ``fit`` result; returns the summary."""
+    summary = {**{k: v for k, v in res.history[-1].items() if k != "start_epoch"}, "epochs_run": len(res.history),
                "resumed_from_epoch": max(h["start_epoch"] for h in res.history), "wall_seconds": time.time() - t0,
-               "run_name": PurePosixPath(str(res.run_dir)).name, "pretrained": transfer}
+               "run_name": PurePosixPath(str(res.run_dir)).name, **extra}
     _write_json(METRICS / "train.json", summary)
     PLOTS.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(res.history).to_csv(PLOTS / "train_history.csv", index=False)
-    _say(f"train: {len(res.history)} epochs, val accuracy {last['val_accuracy']:.3f}, "
-         f"val macro-F1 {last['val_macro_f1']:.3f}; model at {TRAIN_MODEL}")
     return summary
 
 
