@@ -232,6 +232,7 @@ def rebalance(p: Params) -> dict:
 def train(p: Params) -> dict:
     from components.data.prepare import load_report
     from components.train import fit
+    from components.train.precision import describe as describe_precision
 
     prep = load_report(PREPARED)
     weights = json.loads((REBALANCED / "rebalance.json").read_text())["class_weights"]
@@ -243,7 +244,9 @@ def train(p: Params) -> dict:
         "shuffle_buffer": p("train.shuffle_buffer"), "class_weights": weights,
         "threads_per_worker": p("train.threads_per_worker"), "seed": p("seed"), "wandb": dict(p("train.wandb")),
         "freeze_backbone_epochs": p("train.freeze_backbone_epochs"), "backbone_lr_scale": p("train.backbone_lr_scale"),
-        "pretrained": None,
+        "pretrained": None, "precision": p("train.precision"), "data_cache": p("train.data_cache"),
+        "schedule": p("train.schedule"), "warmup": p("train.warmup"), "budget_minutes": p("train.budget_minutes"),
+        "ema_decay": p("train.ema_decay"), "mix": dict(p("train.mix")),
     }
     from components.models import create_model
 
@@ -252,10 +255,10 @@ def train(p: Params) -> dict:
     model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg["model_kwargs"])
     transfer = None
     if p("model.pretrained"):
-        from components.models import load_pretrained
+        from components.models import load_pretrained, resolve_pretrained
 
         # Checked here too: a missing or malformed file fails the stage at once.
-        path = Path(p("model.pretrained")).expanduser().resolve()
+        path = resolve_pretrained(p("model.pretrained"))
         report = load_pretrained(model, path, in_chans=cfg["in_chans"])
         _say(report.summary())
         cfg["pretrained"] = str(path)
@@ -267,9 +270,12 @@ def train(p: Params) -> dict:
               num_workers=p("train.num_workers"), cpus_per_worker=p("train.cpus_per_worker"),
               use_gpu=p("train.use_gpu"), data_cpus=p("augment.cpus_per_task"), max_failures=p("train.max_failures"),
               keep_checkpoints=p("train.keep_checkpoints"),
-              online_policy=p("augment.policy") if p("augment.online") else None, data_digest=prep["data_digest"])
+              online_policy=p("augment.policy") if p("augment.online") else None, data_digest=prep["data_digest"],
+              select_by=p("train.select_by"))
     last = res.history[-1]
-    summary = record_training(res, t0, pretrained=transfer)
+    summary = record_training(res, t0, pretrained=transfer, select_by=p("train.select_by"),
+                              selected_epoch=res.selected_epoch,
+                              **describe_precision(last["precision"], p("train.precision")))
     _say(f"train: {len(res.history)} epochs, val accuracy {last['val_accuracy']:.3f}, "
          f"val macro-F1 {last['val_macro_f1']:.3f}; model at {TRAIN_MODEL}")
     return summary

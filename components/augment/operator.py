@@ -3,7 +3,9 @@
 One class serves both uses:
 * offline (the ``augment`` stage): ``output="png"`` writes augmented, re-encoded copies;
 * online (inside training): ``output="tensor"`` decodes, augments, resizes and normalises
-  to float32 CHW arrays ready for the model.
+  to float32 CHW arrays ready for the model;
+* cached training (``train.data_cache: memory``): ``output="uint8"`` decodes and resizes to the
+  training size only (HWC uint8); the worker keeps the rows and augments them itself.
 """
 from __future__ import annotations
 
@@ -27,10 +29,10 @@ class AugmentOperator:
     def __init__(self, policy: str | None = None, output: str = "tensor", image_size: int | None = None,
                  in_chans: int = 1, copies: int = 1, seed: int | None = None,
                  max_pixels: int = 50_000_000):
-        if output not in ("tensor", "png"):
-            raise ValueError("output must be 'tensor' or 'png'")
-        if output == "tensor" and not image_size:
-            raise ValueError("output='tensor' needs image_size")
+        if output not in ("tensor", "png", "uint8"):
+            raise ValueError("output must be 'tensor', 'png' or 'uint8'")
+        if output in ("tensor", "uint8") and not image_size:
+            raise ValueError(f"output={output!r} needs image_size")
         # Each Ray worker process gets its own stream: seed + pid keeps runs varied across workers,
         # while an explicit seed in a single process stays reproducible.
         self.seed = seed
@@ -45,16 +47,23 @@ class AugmentOperator:
         out = self.policy(image=img)["image"]
         return out if out.ndim == 3 else out[:, :, None]
 
-    def _to_tensor(self, img: np.ndarray) -> np.ndarray:
+    def _resize(self, img: np.ndarray) -> np.ndarray:
         s = self.image_size
         if img.shape[0] != s or img.shape[1] != s:
             img = cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
             if img.ndim == 2:
                 img = img[:, :, None]
+        return img
+
+    def _to_tensor(self, img: np.ndarray) -> np.ndarray:
+        img = self._resize(img)
         return (img.astype(np.float32).transpose(2, 0, 1) - 127.5) / 63.75  # ~zero mean, unit-ish std
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = [decode_image(b, self.in_chans, self.max_pixels) for b in batch["image"]]
+        if self.output == "uint8":
+            return {"image": np.stack([self._resize(self._augment(im)) for im in images]),
+                    "label": np.asarray(batch["label"], dtype=np.int64)}
         if self.output == "tensor":
             if self.image_size:  # shrink before augmenting: cheaper and the same distribution
                 images = [self._resize_pre(im) for im in images]

@@ -1,6 +1,10 @@
-"""Transfer learning: start a resops model from local pretrained weights, and say what happened.
+"""Transfer learning: start a resops model from pretrained weights, and say what happened.
 
-Nothing is downloaded at run time. :func:`load_pretrained` reads a local file, either a
+:func:`resolve_pretrained` turns ``model.pretrained`` into a local file: ``imagenet`` means
+torchvision's ``ResNet18_Weights.IMAGENET1K_V1`` in torch hub's cache (``TORCH_HOME``), the file
+torchvision itself would use; it is downloaded only when it is not cached and the host is
+reachable, and offline a :class:`PretrainedWeightsError` says at once which file to place where.
+Any other value is a local path. :func:`load_pretrained` never downloads; it reads a local file, either a
 torchvision-format ResNet18 state dict (``torch.save(resnet18(weights=...).state_dict())``:
 keys like ``conv1.weight``, ``layer1.0.conv1.weight``, ``fc.weight``) or a resops checkpoint
 (``{"state_dict": ..., "meta": ...}`` from :func:`components.models.checkpoint.save_model`),
@@ -21,20 +25,85 @@ freeze the backbone for some epochs or give it a lower learning rate.
 """
 from __future__ import annotations
 
+import os
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+import torch.hub
 from torch import Tensor, nn
 
 from components.models.checkpoint import CheckpointError, unwrap
 from components.models.registry import prediction_layer
 
 DDP_PREFIX = "module."
+IMAGENET = "imagenet"  # the model.pretrained value for torchvision's ResNet18 ImageNet weights
+REACHABILITY_TIMEOUT_S = 3.0
 
 
 class PretrainedWeightsError(CheckpointError):
     """A pretrained-weights file is missing, unreadable or not a state dict; the message names the file."""
+
+
+def imagenet_weights_url() -> str:
+    """URL of torchvision's ``ResNet18_Weights.IMAGENET1K_V1``."""
+    from torchvision.models import ResNet18_Weights
+
+    return ResNet18_Weights.IMAGENET1K_V1.url
+
+
+def imagenet_weights_cache_path() -> Path:
+    """Where torch hub caches the ImageNet weights, as ``torch.hub.load_state_dict_from_url`` (and so
+    torchvision) computes it: ``<torch.hub.get_dir()>/checkpoints/<file name of the URL>``."""
+    filename = os.path.basename(urlparse(imagenet_weights_url()).path)
+    return Path(os.path.join(torch.hub.get_dir(), "checkpoints", filename))
+
+
+def resolve_pretrained(spec: str) -> Path:
+    """The local weights file ``model.pretrained`` names.
+
+    ``"imagenet"``: torchvision's ResNet18 ImageNet weights in torch hub's cache (returned without
+    network access when cached); otherwise downloaded into that cache (hash checked) if the URL's
+    host answers within a few seconds. Offline or on any download failure it raises
+    :class:`PretrainedWeightsError` naming the URL, the file and the full path to place it at.
+    Any other value: ``Path(spec).expanduser().resolve()`` (whether it exists is
+    :func:`load_pretrained`'s check).
+    """
+    if spec != IMAGENET:
+        return Path(spec).expanduser().resolve()
+    url = imagenet_weights_url()
+    target = imagenet_weights_cache_path()
+    if target.is_file():
+        return target
+    parts = urlparse(url)
+    try:
+        connection = socket.create_connection((parts.hostname, parts.port or 443), timeout=REACHABILITY_TIMEOUT_S)
+    except OSError as exc:
+        raise _imagenet_unavailable(url, target, f"{parts.hostname} is unreachable: {_reason(exc)}") from None
+    connection.close()
+    try:
+        torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)  # writes ``target``
+    except Exception as exc:  # URLError, OSError, a hash mismatch, ...
+        raise _imagenet_unavailable(url, target, f"download failed: {_reason(exc)}") from None
+    if not target.is_file():
+        raise _imagenet_unavailable(url, target, "the download did not leave the file in the cache")
+    return target
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _imagenet_unavailable(url: str, target: Path, reason: str) -> PretrainedWeightsError:
+    torch_home = os.environ.get("TORCH_HOME")
+    home = f"TORCH_HOME={torch_home}" if torch_home else "TORCH_HOME unset"
+    return PretrainedWeightsError(
+        f"ImageNet weights for resnet18 are not in torch hub's cache and could not be downloaded ({reason}). "
+        f"Place the file {target.name} (from {url}) at {target} ({home}; torch.hub.get_dir()={torch.hub.get_dir()}) "
+        f"and run again.")
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """Driver side of training: Ray Data inputs, the TorchTrainer, and exporting the result."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -28,8 +29,10 @@ def augment_batch(batch: dict, **kwargs) -> dict:
 
 
 def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | None, image_size: int, in_chans: int,
-                  seed: int | None, cpus_per_task: float, max_pixels: int = 50_000_000, batch_size: int = 64):
-    """A Ray Dataset of decoded (and, with ``policy``, augmented) float tensors from Parquet shards."""
+                  seed: int | None, cpus_per_task: float, max_pixels: int = 50_000_000, batch_size: int = 64,
+                  output: str = "tensor"):
+    """A Ray Dataset of decoded (and, with ``policy``, augmented) float tensors from Parquet shards;
+    ``output="uint8"``: decoded and resized to ``image_size`` only (the in-memory training path)."""
     import ray.data
 
     # Reads ask for the same CPU share as the map tasks: with the default of 1 CPU a read cannot be
@@ -39,7 +42,7 @@ def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | No
     if split:
         ds = ds.filter(expr=f"split == '{split}'")
     return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_task,
-                          fn_kwargs=dict(policy=policy, output="tensor", image_size=image_size, in_chans=in_chans,
+                          fn_kwargs=dict(policy=policy, output=output, image_size=image_size, in_chans=in_chans,
                                          seed=seed, max_pixels=max_pixels))
 
 
@@ -65,26 +68,43 @@ def run_name(cfg: dict, data_digest: str) -> str:
     return f"train-{cfg['model_name']}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
+def count_rows(shards_dir: str | Path) -> int:
+    """Rows in a shard directory, from the Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in shard_files(shards_dir))
+
+
 @dataclass(frozen=True)
 class TrainResult:
     model_path: Path
     history: list[dict]
     run_dir: Path | str  # a local directory, or a URI when the storage path is one
+    selected_epoch: int | None = None  # the epoch whose weights were exported (select_by)
 
 
 def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str | Path, out_model: str | Path, *,
         num_workers: int = 1, cpus_per_worker: float = 1.0, use_gpu: bool = False, data_cpus: float = 0.5,
         max_failures: int = 2, keep_checkpoints: int = 2, online_policy: str | None = "industrial",
-        data_digest: str = "") -> TrainResult:
-    """Train with Ray Train and copy the final weights to ``out_model``.
+        data_digest: str = "", select_by: str = "last") -> TrainResult:
+    """Train with Ray Train and copy the selected weights to ``out_model``.
 
-    ``cfg`` is the worker config (see :func:`components.train.loop.train_loop_per_worker`).
+    ``cfg`` is the worker config (see :func:`components.train.loop.train_loop_per_worker`);
+    ``cfg["data_cache"] == "memory"`` keeps each worker's data in memory at the training size.
     Re-running with the same config and data resumes the run from its last checkpoint.
+
+    ``select_by``: ``last`` exports the last epoch; a validation metric (``val_macro_f1``, ...)
+    exports the best epoch by it. Ray Train keeps the ``keep_checkpoints`` best checkpoints by that
+    metric (``checkpoint_score_attribute``) and always the latest one, from which a run resumes.
     """
+    from components.train.loop import SELECT_BY
+
+    if select_by not in SELECT_BY:
+        raise ValueError(f"train.select_by must be one of {SELECT_BY}, got {select_by!r}")
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    cfg = dict(cfg)
+    cfg = dict(cfg, online_policy=online_policy)
     cfg.setdefault("run_name", run_name(cfg, data_digest))
     common = dict(image_size=cfg["image_size"], in_chans=cfg["in_chans"], cpus_per_task=data_cpus,
                   batch_size=cfg["batch_size"])
@@ -93,10 +113,16 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         make_dataset, loop = detection_dataset, detect_loop_per_worker
     else:
         make_dataset, loop = image_dataset, train_loop_per_worker
+        if cfg.get("data_cache", "stream") == "memory":  # the worker augments; Ray Data decodes and resizes once
+            make_dataset = functools.partial(image_dataset, output="uint8")
+            online_policy = None
+        cfg["train_rows"] = count_rows(train_dir)
     datasets = {
         "train": make_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
         "val": make_dataset(val_dir, "val", policy=None, seed=None, **common),
     }
+    score = {} if select_by == "last" else dict(checkpoint_score_attribute=select_by,
+                                                checkpoint_score_order="min" if select_by == "val_loss" else "max")
     storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...): Ray Train handles both
     trainer = TorchTrainer(
         loop, train_loop_config=cfg, datasets=datasets,
@@ -105,15 +131,19 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         run_config=ray.train.RunConfig(
             name=cfg["run_name"], **_storage.ray_storage(storage),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints, **score)),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg['run_name']} finished without a checkpoint")
-    with result.checkpoint.as_directory() as d:
+    with result.checkpoint.as_directory() as d:  # the latest: its state holds the whole history
+        history = json.loads(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)["history"])
+    chosen = result.checkpoint if select_by == "last" else \
+        result.get_best_checkpoint(select_by, score["checkpoint_score_order"])
+    with chosen.as_directory() as d:
         out_model = Path(out_model)
         out_model.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(Path(d) / MODEL_FILE, out_model)
-        history = json.loads(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)["history"])
+        selected = json.loads(torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)["history"])[-1]["epoch"]
     run_dir = _storage.join(storage, cfg["run_name"])
-    return TrainResult(out_model, history, run_dir if _storage.is_uri(run_dir) else Path(run_dir))
+    return TrainResult(out_model, history, run_dir if _storage.is_uri(run_dir) else Path(run_dir), selected)
