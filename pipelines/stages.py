@@ -185,7 +185,7 @@ def gan(p: Params) -> dict:
                     z_dim=g["z_dim"], base_channels=g["base_channels"], d_steps=g["d_steps"], seed=p("seed"),
                     num_workers=g["num_workers"], cpus_per_worker=g["cpus_per_worker"],
                     threads_per_worker=g["threads_per_worker"], keep_checkpoints=g["keep_checkpoints"],
-                    storage_path=g["storage_path"], max_pixels=p("data.max_image_pixels"))
+                    storage_path=g["storage_path"], max_pixels=p("data.max_image_pixels"), precision=g["precision"])
     grid = save_sample_grid(res.generator_path, real, GAN_REPORTS / "samples.png", seed=p("seed"))
     q = g["quality"]
     fakes = generate(res.generator_path, {k: int(q["samples_per_class"]) for k in range(len(prep["class_names"]))},
@@ -237,7 +237,8 @@ def train(p: Params) -> dict:
     prep = load_report(PREPARED)
     weights = json.loads((REBALANCED / "rebalance.json").read_text())["class_weights"]
     cfg = {
-        "model_name": p("model.name"), "model_kwargs": dict(p("model.kwargs") or {}),
+        "model_name": p("model.name"),
+        "model_kwargs": dict(p("model.kwargs") or {}) | ({"head": p("model.head")} if p("model.head") != "softmax" else {}),
         "num_classes": len(prep["class_names"]), "class_names": prep["class_names"], "in_chans": p("data.in_chans"),
         "image_size": p("model.image_size"), "epochs": p("train.epochs"), "batch_size": p("train.batch_size"),
         "lr": p("train.lr"), "weight_decay": p("train.weight_decay"), "label_smoothing": p("train.label_smoothing"),
@@ -311,6 +312,7 @@ def _finetune(p: Params, model, meta: dict, teacher, epochs: int, label: str) ->
     import torch
 
     from components.prune import DistillationLoss, finetune_epoch
+    from components.train.precision import resolve_precision
 
     if epochs <= 0:
         return []
@@ -321,11 +323,13 @@ def _finetune(p: Params, model, meta: dict, teacher, epochs: int, label: str) ->
     loss = DistillationLoss(teacher if d["enabled"] else None, temperature=d["temperature"],
                             alpha=d["alpha"] if d["enabled"] else 0.0, base_loss=base)
     opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=p("prune.finetune_lr"))
+    precision = resolve_precision(p("train.precision"), "cpu")
     history = []
     for epoch in range(epochs):
         batches = _batches(p, REBALANCED / "shards", None, p("augment.policy") if p("augment.online") else None,
                            meta, p("train.batch_size"))
-        r = finetune_epoch(model, batches, opt, loss, torch.device("cpu"), max_steps=p("prune.finetune_max_steps"))
+        r = finetune_epoch(model, batches, opt, loss, torch.device("cpu"), max_steps=p("prune.finetune_max_steps"),
+                           precision=precision)
         n = max(1, r["samples"])
         history.append({"step": label, "epoch": epoch + 1, "samples": r["samples"], "loss": r["loss_sum"] / n,
                         "distilled": bool(d["enabled"])})
@@ -431,9 +435,11 @@ def evaluate(p: Params) -> dict:
     import torch
 
     from components.evaluate import classification_metrics, confusion_png, confusion_rows, predict_dataset, write_html_report
+    from components.evaluate.tta import tta_proba
     from components.models import load_model
 
     torch.set_num_threads(p("train.threads_per_worker"))
+    tta = p("evaluate.tta")
     results, pictures, details = {}, {}, {}
     REPORTS.mkdir(parents=True, exist_ok=True)
     edge = edge_files()
@@ -449,17 +455,17 @@ def evaluate(p: Params) -> dict:
             onnx = OnnxClassifier(path, threads=p("train.threads_per_worker"))
             ys, ps = [], []
             for b in batches:
-                ps.append(onnx.predict_proba(b["image"].numpy()))
+                ps.append(tta_proba(onnx.predict_proba, b["image"].numpy(), tta))
                 ys.append(b["label"].numpy())
             import numpy as np
 
             y, proba = np.concatenate(ys), np.concatenate(ps)
         else:
             model, _ = load_model(path)
-            y, proba = predict_dataset(model.to(memory_format=torch.channels_last), batches)
+            y, proba = predict_dataset(model.to(memory_format=torch.channels_last), batches, tta=tta)
         m = classification_metrics(y, proba, meta["class_names"])
         details[name] = m
-        results[name] = {k: v for k, v in m.items() if k != "confusion_matrix"}
+        results[name] = {k: v for k, v in m.items() if k != "confusion_matrix"} | {"tta": tta}
         PLOTS.mkdir(parents=True, exist_ok=True)
         if name != "int8":
             confusion_rows(y, proba.argmax(1), meta["class_names"]).to_csv(PLOTS / f"confusion_{name}.csv", index=False)

@@ -54,7 +54,7 @@ def test_unknown_policy_lists_known_ones():
 
 
 def test_operator_validates_arguments():
-    with pytest.raises(ValueError, match="'tensor' or 'png'"):
+    with pytest.raises(ValueError, match="'tensor', 'png' or 'uint8'"):
         AugmentOperator("light", output="jpeg")
     with pytest.raises(ValueError, match="needs image_size"):
         AugmentOperator("light", output="tensor")

@@ -72,3 +72,18 @@ def medical() -> A.Compose:
 def light() -> A.Compose:
     """Flips only: the cheapest policy, for tests and scalograms-like inputs where geometry matters less."""
     return A.Compose([A.HorizontalFlip(p=0.5)])
+
+
+@register_policy
+def el() -> A.Compose:
+    """Electroluminescence images of solar cells: the square cell's symmetries are label-preserving
+    (any of the 8 rotations by 90 degrees and flips: a crack stays a crack), plus a small affine
+    (the cell is never perfectly centred), brightness/contrast (exposure and cell efficiency differ)
+    and mild sensor noise. No blur: fine cracks are the signal."""
+    return A.Compose([
+        A.SquareSymmetry(p=1.0),
+        A.Affine(scale=(0.95, 1.05), translate_percent=(-0.03, 0.03), rotate=(-4, 4),
+                 border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.7),
+        A.GaussNoise(std_range=(0.005, 0.02), p=0.2),
+    ])

@@ -11,13 +11,19 @@ import torch
 
 
 @torch.no_grad()
-def predict_dataset(model: torch.nn.Module, batches) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and softmax probabilities over an iterable of {"image", "label"} torch batches."""
+def predict_dataset(model: torch.nn.Module, batches, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Labels and softmax probabilities over an iterable of {"image", "label"} torch batches;
+    ``tta``: averaged over test-time views (:mod:`components.evaluate.tta`)."""
+    from components.evaluate.tta import tta_proba
+
     model.eval()
     ys, ps = [], []
+
+    def predict(x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), 1)
+
     for b in batches:
-        x = b["image"].contiguous(memory_format=torch.channels_last)
-        ps.append(torch.softmax(model(x).float(), 1).numpy())
+        ps.append(tta_proba(predict, b["image"], tta).numpy())
         ys.append(b["label"].numpy())
     if not ys:
         raise ValueError("the evaluation split is empty")

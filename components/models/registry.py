@@ -61,8 +61,11 @@ def _positive_int(value: object, what: str) -> int:
     return int(number)
 
 
-def create_model(name: str, num_classes: int, in_chans: int = 1, **kwargs) -> nn.Module:
+def create_model(name: str, num_classes: int, in_chans: int = 1, head: str = "softmax", **kwargs) -> nn.Module:
     """Build the registered model ``name``; ``kwargs`` are the variant's own options.
+
+    ``head``: ``softmax`` (torchvision's ``fc``) or ``ordinal`` (a cumulative-link head for ordered
+    classes, :mod:`components.models.heads`); any classifier variant takes either.
 
     Raises ``ValueError`` for an unknown name, a bad ``num_classes``/``in_chans``, or an
     option the variant does not take (a typo in ``params.yaml`` ``model.kwargs`` is an error,
@@ -81,7 +84,14 @@ def create_model(name: str, num_classes: int, in_chans: int = 1, **kwargs) -> nn
     unknown = sorted(set(kwargs) - set(own_options))
     if unknown and not takes_any:
         raise ValueError(f"model {name!r} does not take {unknown}; its options: {own_options or 'none'}")
-    return builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    model = builder(num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if head != "softmax":
+        if _TASKS[name] != "classify":
+            raise ValueError(f"model {name!r} is a detector: it has no classification head to replace")
+        from components.models.heads import replace_head
+
+        model = replace_head(model, head)
+    return model
 
 
 def with_input_channels(model: nn.Module, in_chans: int) -> nn.Module:

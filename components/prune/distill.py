@@ -124,7 +124,8 @@ def recalibrate_batchnorm(model: nn.Module, batches, device: torch.device | str 
 
 
 def finetune_epoch(model: nn.Module, batches, optimizer, loss, device: torch.device, scaler=None,
-                   max_steps: int | None = None, frozen: list[nn.Parameter] | None = None) -> dict:
+                   max_steps: int | None = None, frozen: list[nn.Parameter] | None = None,
+                   precision: str = "fp32") -> dict:
     """:func:`components.train.loop.train_one_epoch` with the images passed to a distillation loss.
 
     ``loss``: a :class:`DistillationLoss` (called with ``inputs=x``) or any ``loss(logits, y)``.
@@ -132,7 +133,8 @@ def finetune_epoch(model: nn.Module, batches, optimizer, loss, device: torch.dev
     plus, for a distillation loss, ``soft_loss_sum`` and ``base_loss_sum``.
     """
     if not isinstance(loss, DistillationLoss):
-        return train_one_epoch(model, batches, optimizer, loss, device, scaler, max_steps=max_steps, frozen=frozen)
+        return train_one_epoch(model, batches, optimizer, loss, device, scaler, max_steps=max_steps, frozen=frozen,
+                               precision=precision)
     sums = {"soft": 0.0, "base": 0.0}
 
     def step_loss(logits: Tensor, y: Tensor, inputs: Tensor) -> Tensor:
@@ -142,5 +144,5 @@ def finetune_epoch(model: nn.Module, batches, optimizer, loss, device: torch.dev
         return value
 
     result = train_one_epoch(model, batches, optimizer, step_loss, device, scaler, max_steps=max_steps,
-                             frozen=frozen, loss_takes_inputs=True)
+                             frozen=frozen, loss_takes_inputs=True, precision=precision)
     return result | {"soft_loss_sum": sums["soft"], "base_loss_sum": sums["base"]}

@@ -45,6 +45,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torchvision.ops import SqueezeExcitation
 
+from components.models.heads import OrdinalHead
 from components.models.checkpoint import REQUIRED_META, CheckpointError, build_from_meta, load_payload, unwrap
 
 STRUCTURED_KEY = "structured"  # meta key marking a structured-pruned model file
@@ -202,6 +203,8 @@ def default_ignored(model: nn.Module) -> list[nn.Module]:
     classifier = getattr(model, "fc", None)
     if hasattr(model, "head_layers"):  # a detector: each head's anchors x (5 + classes) outputs stay
         ignored = list(model.head_layers())
+    elif isinstance(classifier, OrdinalHead):  # a leaf to torch-pruning (_OrdinalHeadPruner): outputs stay
+        ignored = [classifier]
     elif not isinstance(classifier, nn.Linear):
         raise StructuredPruningError(
             f"structured pruning needs the classifier as `model.fc` (nn.Linear) so its outputs stay; "
@@ -230,6 +233,29 @@ def _module_names(model: nn.Module, modules: Sequence[nn.Module | str]) -> list[
     return names
 
 
+class _OrdinalHeadPruner(tp.pruner.function.BasePruningFunc):
+    """torch-pruning sees an :class:`OrdinalHead` as one leaf layer: its inputs follow layer4 (the
+    score's input features are pruned with them), its class outputs are never pruned."""
+
+    def prune_out_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        raise StructuredPruningError("the ordinal head's outputs are never pruned")
+
+    def prune_in_channels(self, layer: nn.Module, idxs: Sequence[int]) -> nn.Module:
+        keep = sorted(set(range(layer.score.in_features)) - set(int(i) for i in idxs))
+        new = nn.Linear(len(keep), 1).to(layer.score.weight.device)
+        with torch.no_grad():
+            new.weight.copy_(layer.score.weight[:, keep])
+            new.bias.copy_(layer.score.bias)
+        layer.score, layer.in_features = new, len(keep)
+        return layer
+
+    def get_out_channels(self, layer: nn.Module) -> int:
+        return layer.num_classes
+
+    def get_in_channels(self, layer: nn.Module) -> int:
+        return layer.score.in_features
+
+
 def _prune_in_place(model: nn.Module, example_input: Tensor, channel_ratio: float, *, importance: str,
                     global_pruning: bool, iterative_steps: int, round_to: int | None, ignored: list[str],
                     max_pruning_ratio: float, grad_batch: tuple[Tensor, Tensor] | None,
@@ -238,7 +264,8 @@ def _prune_in_place(model: nn.Module, example_input: Tensor, channel_ratio: floa
     pruner = tp.pruner.BasePruner(
         model, example_input, importance=make_importance(importance, seed), global_pruning=global_pruning,
         pruning_ratio=channel_ratio, max_pruning_ratio=max_pruning_ratio, iterative_steps=iterative_steps,
-        round_to=round_to, ignored_layers=[modules[n] for n in ignored])
+        round_to=round_to, ignored_layers=[modules[n] for n in ignored],
+        customized_pruners={OrdinalHead: _OrdinalHeadPruner()})
     for _ in range(iterative_steps):
         if importance == "taylor":
             model.zero_grad(set_to_none=True)

@@ -228,9 +228,11 @@ def gan_loop_per_worker(cfg: dict) -> None:
     from components.models.checkpoint import unwrap
 
     torch.set_num_threads(int(cfg["threads_per_worker"]))
+    from components.train.precision import autocast, resolve_precision
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.get("precision", "fp32"), device)
     kind = cfg["loss"]
     gen = Generator(**_arch(cfg), z_dim=cfg["z_dim"], base_channels=cfg["base_channels"], embed_dim=cfg["embed_dim"])
     disc = Discriminator(**_arch(cfg), base_channels=cfg["base_channels"])
@@ -267,16 +269,19 @@ def gan_loop_per_worker(cfg: dict) -> None:
             x = torch.from_numpy(images[idx]).to(device=device, dtype=torch.float32).div_(127.5).sub_(1.0)
             y = torch.from_numpy(labels[idx]).to(device)
             for _ in range(int(cfg["d_steps"])):
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device, precision):
                     fake = gen(torch.randn(len(y), zd, device=device), y)
-                logits = disc(torch.cat([x, fake]), torch.cat([y, y]))
+                with autocast(device, precision):
+                    logits = disc(torch.cat([x, fake]), torch.cat([y, y])).float()
                 real_logits, fake_logits = logits[:len(y)], logits[len(y):]
                 loss_d = d_loss(real_logits, fake_logits, kind)
                 opt_d.zero_grad(set_to_none=True)
                 loss_d.backward()
                 opt_d.step()
-            fake = gen(torch.randn(len(y), zd, device=device), y)
-            loss_g = g_loss(disc(fake, y), kind)
+            with autocast(device, precision):
+                fake = gen(torch.randn(len(y), zd, device=device), y)
+                fake_scores = disc(fake, y).float()
+            loss_g = g_loss(fake_scores, kind)
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()
@@ -331,7 +336,7 @@ def train_gan(frame_or_shards: pd.DataFrame | str | os.PathLike | Sequence[str],
               betas: Sequence[float] = (0.0, 0.9), lr_d: float | None = None, d_steps: int = 1,
               class_names: Sequence[str] | None = None, cpus_per_worker: float = 1.0, threads_per_worker: int = 1,
               max_failures: int = 2, keep_checkpoints: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
-              decode_threads: int = 2, run_name: str | None = None) -> GanResult:
+              decode_threads: int = 2, run_name: str | None = None, precision: str = "fp32") -> GanResult:
     """Train a class-conditional DCGAN on the real training rows and write ``out_dir/generator.pt``.
 
     ``frame_or_shards``: a frame (image, label[, split, source]) or a shards directory / list of
@@ -369,7 +374,7 @@ def train_gan(frame_or_shards: pd.DataFrame | str | os.PathLike | Sequence[str],
                betas=[float(b) for b in betas], lr=float(lr), lr_d=float(lr_d if lr_d is not None else lr),
                d_steps=int(d_steps), batch_size=bs, seed=int(seed),
                num_workers=int(num_workers), epochs=int(epochs), threads_per_worker=int(threads_per_worker),
-               steps_per_epoch=max(1, rows // (bs * num_workers)), class_names=names)
+               steps_per_epoch=max(1, rows // (bs * num_workers)), class_names=names, precision=precision)
     name = run_name or gan_run_name(cfg, digest)
     storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...)
     cfg["data"] = ray.put({"images": images, "labels": labels})

@@ -24,7 +24,8 @@ import torch
 from components.models.checkpoint import unwrap
 from components.models.detector import YoloLoss, decode, postprocess
 from components.models.registry import create_model
-from components.train.loop import _WandbSink, autocast, progress, report_epoch, restore_checkpoint
+from components.train.loop import _WandbSink, progress, report_epoch, restore_checkpoint
+from components.train.precision import autocast, grad_scaler, resolve_precision
 
 DETECTION_COLUMNS = ["image", "boxes", "split"]
 
@@ -69,7 +70,8 @@ def new_map_metric(class_metrics: bool = False):
 
 @torch.no_grad()
 def evaluate_batches(model: torch.nn.Module, batches, device: torch.device, *, score_threshold: float = 0.001,
-                     iou_threshold: float = 0.6, max_detections: int = 100, metric=None) -> tuple[object, int]:
+                     iou_threshold: float = 0.6, max_detections: int = 100, metric=None,
+                     precision: str = "fp32") -> tuple[object, int]:
     """Update a torchmetrics mAP metric with the model's detections on ``batches`` (dicts with
     ``image`` and padded ``targets``); returns (metric, images). Low score threshold: mAP integrates
     over the whole precision-recall curve."""
@@ -80,7 +82,7 @@ def evaluate_batches(model: torch.nn.Module, batches, device: torch.device, *, s
     for batch in batches:
         x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)
         hw = tuple(x.shape[-2:])
-        with autocast(device):
+        with autocast(device, precision):
             outs = model(x)
         dets = postprocess(decode([o.float() for o in outs], anchors, hw), score_threshold=score_threshold,
                            iou_threshold=iou_threshold, max_detections=max_detections, image_hw=hw)
@@ -123,6 +125,7 @@ def detect_loop_per_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    precision = resolve_precision(cfg.get("precision", "fp32"), device)
     torch.manual_seed(int(cfg["seed"]) + rank)
     model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg.get("model_kwargs", {}))
     model = model.to(memory_format=torch.channels_last)
@@ -138,7 +141,7 @@ def detect_loop_per_worker(cfg: dict) -> None:
             progress(f"[train] resuming from the checkpoint of epoch {start_epoch} of {epochs}")
     model = ray.train.torch.prepare_model(model)
     loss_fn = YoloLoss(cfg["num_classes"], **cfg.get("loss", {}))
-    scaler = torch.amp.GradScaler("cuda") if device.type == "cuda" else None
+    scaler = grad_scaler(device, precision)
     sink = _WandbSink(cfg) if rank == 0 else None
     anchors = unwrap(model).anchors
     warmup = int(cfg.get("warmup_steps", 50))
@@ -154,7 +157,7 @@ def detect_loop_per_worker(cfg: dict) -> None:
                 g["lr"] = lr * _lr_factor(step, epoch, epochs, warmup)
             x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             optimizer.zero_grad(set_to_none=True)
-            with autocast(device):
+            with autocast(device, precision):
                 outs = model(x)
             loss, parts = loss_fn([o.float() for o in outs], targets_list(batch["targets"].to(device)), anchors,
                                   tuple(x.shape[-2:]))
@@ -170,13 +173,14 @@ def detect_loop_per_worker(cfg: dict) -> None:
             loss_sum += float(loss.detach()) * len(x)
             parts_sum += np.array([parts["box"], parts["obj"], parts["cls"]]) * len(x)
         seconds = time.perf_counter() - t0
-        metric, _ = evaluate_batches(model, val_shard.iter_torch_batches(batch_size=32, dtypes=dtypes), device)
+        metric, _ = evaluate_batches(model, val_shard.iter_torch_batches(batch_size=32, dtypes=dtypes), device,
+                                     precision=precision)
         val = map_summary(compute_quietly(metric))  # torchmetrics gathers every worker's state
         record = {"epoch": epoch + 1, "start_epoch": start_epoch, "lr": optimizer.param_groups[0]["lr"],
                   "train_loss": loss_sum / max(seen, 1),
                   **{f"train_{k}_loss": float(v) / max(seen, 1) for k, v in zip(("box", "obj", "cls"), parts_sum)},
                   "val_map_50": val["map_50"], "val_map_50_95": val["map_50_95"],
-                  "images_per_second": seen * world / max(seconds, 1e-9)}
+                  "images_per_second": seen * world / max(seconds, 1e-9), "precision": precision}
         history.append(record)
         if rank == 0:
             progress(f"[train] epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.3f} (box "
