@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.resops-installed
 
-.PHONY: install run test bench clean-venv
+.PHONY: install run quality test bench clean-venv
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ install: $(STAMP)
 
 run: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/dvc repro
+
+quality: $(STAMP)  # the quality preset (presets/quality.yaml) as a DVC experiment: ~30 min of training
+	PATH="$(CURDIR)/$(BIN):$$PATH" WANDB_MODE=$${WANDB_MODE:-offline} $(BIN)/dvc exp run $$($(BIN)/python -m pipelines.presets quality)
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=25

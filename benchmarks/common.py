@@ -211,7 +211,7 @@ def train_model(cfg: dict, train_dir: Path, val_dir: Path, out_model: Path, stor
 
 # ---------------------------------------------------------------------------- evaluation
 def evaluate_model_file(model_path: str | Path, shards_dir: str | Path, split: str = "test",
-                        batch_size: int = 128, threads: int = 2) -> dict:
+                        batch_size: int = 128, threads: int = 2, tta: str = "none") -> dict:
     """``classification_metrics`` of a model file on one split of a shard directory (Ray must be running).
 
     The images are decoded and resized exactly as in training's validation (``image_dataset``, no
@@ -222,7 +222,7 @@ def evaluate_model_file(model_path: str | Path, shards_dir: str | Path, split: s
     ds = image_dataset(shards_dir, split, policy=None, image_size=meta["image_size"], in_chans=meta["in_chans"],
                        seed=None, cpus_per_task=RAY_RESOURCES["data_cpus"], batch_size=batch_size)
     batches = ds.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32, "label": torch.int64})
-    y, proba = predict_dataset(model.to(memory_format=torch.channels_last), batches)
+    y, proba = predict_dataset(model.to(memory_format=torch.channels_last), batches, tta=tta)
     return classification_metrics(y, proba, meta["class_names"])
 
 
@@ -317,11 +317,27 @@ def markdown_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(headers), "| " + " | ".join("-" * w for w in widths) + " |", *map(line, cells)])
 
 
+def cpu_info() -> dict:
+    """The CPU this ran on: model name, the vector / bf16 features that decide precision, capability."""
+    from components.train.precision import cpu_flags, cpu_has_native_bf16
+
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile")
+    return {"model": model or platform.processor(), "cores": os.cpu_count(),
+            "flags": [f for f in wanted if f in cpu_flags()], "native_bf16": cpu_has_native_bf16(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def environment_info() -> dict:
     import ray
     import torchvision
 
-    return {"torch": torch.__version__, "torchvision": torchvision.__version__, "ray": ray.__version__,
+    return {"cpu": cpu_info(), "torch": torch.__version__, "torchvision": torchvision.__version__, "ray": ray.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
             "RAY_TRAIN_V2_ENABLED": os.environ.get("RAY_TRAIN_V2_ENABLED"), "load_average_at_start": os.getloadavg(),
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
