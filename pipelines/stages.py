@@ -274,8 +274,19 @@ def train(p: Params) -> dict:
               online_policy=p("augment.policy") if p("augment.online") else None, data_digest=prep["data_digest"],
               select_by=p("train.select_by"))
     last = res.history[-1]
+    decision = None
+    if p("train.decision_bias") != "none":  # thresholds tuned on validation, folded into the model
+        from components.evaluate.decision import tune_model_file
+
+        meta = {"image_size": cfg["image_size"], "in_chans": cfg["in_chans"]}
+        decision = tune_model_file(TRAIN_MODEL, _batches(p, PREPARED / "shards", "val", None, meta, 128),
+                                   p("train.decision_bias"))
+        _say(f"train: class bias {decision['bias']} tuned on {decision['validation_images']} validation images: "
+             f"{decision['metric']} {decision['validation_before']:.3f} -> {decision['validation_after']:.3f}")
+    selected = next(h for h in res.history if h["epoch"] == res.selected_epoch)
     summary = record_training(res, t0, pretrained=transfer, select_by=p("train.select_by"),
-                              selected_epoch=res.selected_epoch,
+                              selected_epoch=res.selected_epoch, decision_bias=decision,
+                              selected={k: v for k, v in selected.items() if k.startswith("val_")},
                               **describe_precision(last["precision"], p("train.precision")))
     _say(f"train: {len(res.history)} epochs, val accuracy {last['val_accuracy']:.3f}, "
          f"val macro-F1 {last['val_macro_f1']:.3f}; model at {TRAIN_MODEL}")

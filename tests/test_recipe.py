@@ -429,3 +429,107 @@ def test_abandoned_batches_stop_their_producer():
     assert len(first["label"]) == 4
     gen.close()  # the consumer stops early (a spent time budget): the producer must not hang
     assert not _batch_threads()
+
+
+# ------------------------------------------------------------------------------- the loop's clock
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def perf_counter(self) -> float:
+        return self.t
+
+
+class _StepCostsOneSecond(nn.Module):
+    """A tiny classifier (with the ``fc`` the loop's parameter groups need) whose every training
+    forward pass advances the fake clock by one second; evaluation is free."""
+
+    def __init__(self, clock: _Clock, num_classes: int) -> None:
+        super().__init__()
+        self.clock = clock
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.fc = nn.Linear(4, num_classes)
+
+    def forward(self, x):
+        if self.training:
+            self.clock.t += 1.0
+        return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
+
+
+class _Shard:
+    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
+        self.images, self.labels = images, labels
+
+    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
+        for i in range(0, len(self.labels), batch_size):
+            yield {"image": self.images[i:i + batch_size], "label": self.labels[i:i + batch_size]}
+
+
+def _run_loop(monkeypatch, **cfg_overrides) -> tuple[list[dict], list[dict]]:
+    """``train_loop_per_worker`` in this process with ray.train's worker API faked (one rank, CPU,
+    no checkpoint to resume), a fake clock (1 s per training step) and 40 images of 8 px (10 steps
+    of 4 per epoch). Returns (reported records, reported training states)."""
+    import ray.train
+    import ray.train.torch
+
+    from components.train import loop
+
+    clock = _Clock()
+    monkeypatch.setattr(loop, "time", clock)  # the loop reads only time.perf_counter
+    monkeypatch.setattr(loop, "create_model", lambda name, num_classes, in_chans, **kw: _StepCostsOneSecond(
+        clock, num_classes))
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 2
+    shards = {"train": _Shard(images, labels), "val": _Shard(images[:8], labels[:8])}
+
+    class Context:
+        def get_world_rank(self):
+            return 0
+
+        def get_world_size(self):
+            return 1
+
+    records, states = [], []
+
+    def report(record, checkpoint=None, **_):
+        records.append(dict(record))
+        if checkpoint is not None:
+            with checkpoint.as_directory() as d:
+                states.append(torch.load(f"{d}/{loop.STATE_FILE}", map_location="cpu", weights_only=True))
+
+    monkeypatch.setattr(ray.train, "get_context", lambda: Context())
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shards[name])
+    monkeypatch.setattr(ray.train, "report", report)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
+    cfg = dict(model_name="resnet18", num_classes=2, class_names=["a", "b"], in_chans=1, image_size=8, epochs=2,
+               batch_size=4, lr=0.01, weight_decay=0.0, label_smoothing=0.0, threads_per_worker=1, seed=0,
+               data_cache="memory", precision="fp32", online_policy=None, wandb={"mode": "disabled"},
+               run_name="fake") | cfg_overrides
+    torch_threads = torch.get_num_threads()
+    try:
+        loop.train_loop_per_worker(cfg)
+    finally:
+        torch.set_num_threads(torch_threads)
+    assert not ray.is_initialized()  # ray.train's API was faked: no Ray instance was started
+    return records, states
+
+
+def test_loop_schedule_over_epochs_with_ema(monkeypatch):
+    records, states = _run_loop(monkeypatch, epochs=2, ema_decay=0.9, schedule="cosine", warmup=0.0)
+    assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [10, 20]
+    assert [r["train_seconds"] for r in records] == [10.0, 20.0]  # one (fake) second per step
+    # the lr of an epoch is the one its last step ran with: step 9 and 19 of 20
+    assert records[0]["lr"] == pytest.approx(0.01 * lr_factor(9 / 20))
+    assert records[1]["lr"] == pytest.approx(0.01 * lr_factor(19 / 20))
+    assert states[-1]["finished"] and states[-1]["ema_n_averaged"] == 20
+    assert {r["precision"] for r in records} == {"fp32"}
+
+
+def test_budget_run_spends_its_budget(monkeypatch):
+    # 25 s of budget, 10 s per epoch: epochs 1 and 2, then epoch 3 stops after 5 steps
+    records, _ = _run_loop(monkeypatch, epochs=50, budget_minutes=25 / 60, schedule="cosine", warmup=0.0)
+    assert [r["step"] for r in records] == [10, 20, 25], records
+    assert records[-1]["train_seconds"] == pytest.approx(25.0)
+    assert records[-1]["lr"] == pytest.approx(0.01 * lr_factor(24 / 25))  # ~0.004 x lr

@@ -7,6 +7,7 @@ validation accuracy, so the last epoch is not the best one.
 """
 from __future__ import annotations
 
+import json
 import uuid
 from pathlib import Path
 
@@ -36,7 +37,7 @@ def _config(class_names: list[str], **overrides) -> dict:
 def data(tmp_path_factory):
     """(root, class_names, the prepared shards, a copy whose val rows have their labels flipped)."""
     root = tmp_path_factory.mktemp("select")
-    get_source("synthetic").ingest(root / "raw", num_images=160, image_size=32, num_classes=2, seed=1)
+    get_source("synthetic").ingest(root / "raw", num_images=320, image_size=32, num_classes=2, seed=1)
     res = prepare_dataset(root / "raw", root / "prepared", "synthetic", "multiclass", seed=1)
     shards = root / "prepared" / "shards"
     df = read_shards(shards)
@@ -81,7 +82,6 @@ def test_select_by_exports_the_best_epoch_not_the_last(ray_address, data, monkey
     assert _same(exported, _state(run_dir / f"epoch_{best:04d}" / MODEL_FILE))
     assert not _same(exported, _state(run_dir / f"epoch_{len(history):04d}" / MODEL_FILE))
     # the chosen checkpoint's own history ends at that epoch, with the metric it was chosen by
-    import json
     chosen = torch.load(run_dir / f"epoch_{best:04d}" / STATE_FILE, map_location="cpu", weights_only=True)
     assert json.loads(chosen["history"])[-1]["val_accuracy"] == max(accs)
     assert torch.load(res.model_path, map_location="cpu", weights_only=True)["meta"]["class_names"] == class_names

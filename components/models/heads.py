@@ -36,13 +36,16 @@ class OrdinalHead(nn.Module):
             diff[k, k], diff[k, k + 1] = -1.0, 1.0
         self.register_buffer("diff", diff, persistent=False)
         self.register_buffer("first", torch.eye(num_classes)[0], persistent=False)
+        # decision bias on the class log-probabilities, tuned on validation after training
+        # (components.evaluate.decision); zero from training
+        self.register_buffer("class_bias", torch.zeros(num_classes))
 
     def cut_points(self) -> Tensor:
         return self.raw_cuts[0] + torch.cumsum(F.softplus(self.raw_cuts) * self.gap_mask, 0)
 
     def forward(self, x: Tensor) -> Tensor:
         above = torch.sigmoid(self.score(x) - self.cut_points())  # (N, K-1): P(y > k)
-        return torch.log((above @ self.diff + self.first).clamp_min(1e-6))
+        return torch.log((above @ self.diff + self.first).clamp_min(1e-6)) + self.class_bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, num_classes={self.num_classes}"

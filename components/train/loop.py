@@ -47,7 +47,7 @@ def lr_factor(progress: float, schedule: str = "cosine", warmup: float = 0.0) ->
             return start + (1 - start) * 0.5 * (1 - math.cos(math.pi * t / peak))
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * (t - peak) / (1 - peak)))
     if t < warmup:
-        return (t + 1e-3) / warmup
+        return max(t / warmup, 1e-3)
     rest = (t - warmup) / max(1e-9, 1 - warmup)
     return 0.5 * (1 + math.cos(math.pi * rest)) if schedule == "cosine" else 1 - rest
 
@@ -312,12 +312,13 @@ def train_loop_per_worker(cfg: dict) -> None:
     schedule, warmup = cfg.get("schedule", "cosine"), float(cfg.get("warmup", 0.0))
     after_step = (lambda: ema.update_parameters(unwrap(model))) if ema is not None else None
     k = cfg["num_classes"]
-    clock = {"epoch_start": 0.0}
+    clock = {"epoch_start": None}  # set while an epoch runs: its time so far counts towards the budget
 
     def run_progress() -> float:
         done = step / total_steps
         if budget:
-            done = max(done, (seconds_done + time.perf_counter() - clock["epoch_start"]) / budget)
+            running = time.perf_counter() - clock["epoch_start"] if clock["epoch_start"] is not None else 0.0
+            done = max(done, (seconds_done + running) / budget)
         return done
 
     def before_step() -> bool:
@@ -349,6 +350,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                              frozen=backbone if epoch < freeze_epochs else None, before_step=before_step,
                              after_step=after_step, mix=mix)
         seconds_done += tr["seconds"]
+        clock["epoch_start"] = None
         finished = run_progress() >= 1.0 - 1e-9 or epoch + 1 >= epochs
         if budget and world > 1:
             finished = bool(_all_reduce([float(finished)], device, "max")[0])
