@@ -456,13 +456,16 @@ class _StepCostsOneSecond(nn.Module):
         return self.fc(torch.relu(self.conv(x)).mean((2, 3)))
 
 
-class _Shard:
-    def __init__(self, images: np.ndarray, labels: np.ndarray) -> None:
-        self.images, self.labels = images, labels
+def _shard_files(directory, images: np.ndarray, labels: np.ndarray, split: str) -> list[str]:
+    """Rows as the prepare stage writes them (PNG bytes, label, split) in Parquet shards."""
+    import pandas as pd
 
-    def iter_batches(self, batch_size: int, batch_format: str = "numpy"):
-        for i in range(0, len(self.labels), batch_size):
-            yield {"image": self.images[i:i + batch_size], "label": self.labels[i:i + batch_size]}
+    from components.data.shards import shard_files, write_shards
+
+    frame = pd.DataFrame({"image": [encode_png(im) for im in images], "label": labels.astype("int64"),
+                          "split": split})
+    write_shards(frame, directory, rows_per_shard=16)
+    return [str(f) for f in shard_files(directory)]
 
 
 def _run_loop(monkeypatch, **cfg_overrides) -> tuple[list[dict], list[dict]]:
@@ -480,7 +483,11 @@ def _run_loop(monkeypatch, **cfg_overrides) -> tuple[list[dict], list[dict]]:
         clock, num_classes))
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 2
-    shards = {"train": _Shard(images, labels), "val": _Shard(images[:8], labels[:8])}
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="resops-loop-")
+    files = {"train_files": _shard_files(f"{tmp}/train", images, labels, "train"),
+             "val_files": _shard_files(f"{tmp}/val", images[:8], labels[:8], "val")}
 
     class Context:
         def get_world_rank(self):
@@ -499,14 +506,13 @@ def _run_loop(monkeypatch, **cfg_overrides) -> tuple[list[dict], list[dict]]:
 
     monkeypatch.setattr(ray.train, "get_context", lambda: Context())
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
-    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: shards[name])
     monkeypatch.setattr(ray.train, "report", report)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
     cfg = dict(model_name="resnet18", num_classes=2, class_names=["a", "b"], in_chans=1, image_size=8, epochs=2,
                batch_size=4, lr=0.01, weight_decay=0.0, label_smoothing=0.0, threads_per_worker=1, seed=0,
                data_cache="memory", precision="fp32", online_policy=None, wandb={"mode": "disabled"},
-               run_name="fake") | cfg_overrides
+               run_name="fake", **files) | cfg_overrides
     torch_threads = torch.get_num_threads()
     try:
         loop.train_loop_per_worker(cfg)

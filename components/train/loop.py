@@ -291,13 +291,14 @@ def train_loop_per_worker(cfg: dict) -> None:
                       float(mix_cfg.get("prob", 1.0)), seed=seed * 1000 + rank)
     sink = _WandbSink(cfg) if rank == 0 else None
 
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
     memory = cfg.get("data_cache", "stream") == "memory"
     if memory:  # read once, decoded at the training size; augmented here every epoch
         t_load = time.perf_counter()
-        train_mem = MemorySplit.from_shard(train_shard, cfg["in_chans"])
-        val_mem = MemorySplit.from_shard(val_shard, cfg["in_chans"]).tensors()
+        common = dict(rank=rank, world=world, image_size=cfg["image_size"], in_chans=cfg["in_chans"],
+                      max_pixels=int(cfg.get("max_pixels", 50_000_000)), threads=int(cfg["threads_per_worker"]))
+        train_mem = MemorySplit.from_files(cfg["train_files"], None, **common)
+        val_mem = MemorySplit.from_files(cfg["val_files"], "val", **common).tensors()
+        train_shard = val_shard = None
         steps_per_epoch = int(_all_reduce([math.ceil(len(train_mem) / batch_size)], device, "min")[0])
         operator = AugmentOperator(cfg.get("online_policy"), "tensor", cfg["image_size"], cfg["in_chans"],
                                    seed=seed * 7919 + rank)
@@ -305,6 +306,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             progress(f"[train] {len(train_mem)} training and {len(val_mem[1])} validation images in memory at "
                      f"{cfg['image_size']} px ({time.perf_counter() - t_load:.1f} s); precision {precision}")
     else:
+        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
         train_mem = val_mem = None
         steps_per_epoch = max(1, math.ceil(int(cfg.get("train_rows", 0)) / world / batch_size))
     total_steps = max(1, epochs * steps_per_epoch)

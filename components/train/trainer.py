@@ -1,7 +1,6 @@
 """Driver side of training: Ray Data inputs, the TorchTrainer, and exporting the result."""
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import shutil
@@ -12,6 +11,7 @@ import torch
 
 from components import storage as _storage
 from components.augment.operator import AugmentOperator
+from components.data.images import DEFAULT_MAX_PIXELS
 from components.data.shards import shard_files
 from components.models.registry import model_task
 from components.train.loop import MODEL_FILE, STATE_FILE, train_loop_per_worker
@@ -29,10 +29,8 @@ def augment_batch(batch: dict, **kwargs) -> dict:
 
 
 def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | None, image_size: int, in_chans: int,
-                  seed: int | None, cpus_per_task: float, max_pixels: int = 50_000_000, batch_size: int = 64,
-                  output: str = "tensor"):
-    """A Ray Dataset of decoded (and, with ``policy``, augmented) float tensors from Parquet shards;
-    ``output="uint8"``: decoded and resized to ``image_size`` only (the in-memory training path)."""
+                  seed: int | None, cpus_per_task: float, max_pixels: int = 50_000_000, batch_size: int = 64):
+    """A Ray Dataset of decoded (and, with ``policy``, augmented) float tensors from Parquet shards."""
     import ray.data
 
     # Reads ask for the same CPU share as the map tasks: with the default of 1 CPU a read cannot be
@@ -42,7 +40,7 @@ def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | No
     if split:
         ds = ds.filter(expr=f"split == '{split}'")
     return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_task,
-                          fn_kwargs=dict(policy=policy, output=output, image_size=image_size, in_chans=in_chans,
+                          fn_kwargs=dict(policy=policy, output="tensor", image_size=image_size, in_chans=in_chans,
                                          seed=seed, max_pixels=max_pixels))
 
 
@@ -113,14 +111,17 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         make_dataset, loop = detection_dataset, detect_loop_per_worker
     else:
         make_dataset, loop = image_dataset, train_loop_per_worker
-        if cfg.get("data_cache", "stream") == "memory":  # the worker augments; Ray Data decodes and resizes once
-            make_dataset = functools.partial(image_dataset, output="uint8")
-            online_policy = None
         cfg["train_rows"] = count_rows(train_dir)
-    datasets = {
-        "train": make_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
-        "val": make_dataset(val_dir, "val", policy=None, seed=None, **common),
-    }
+    if cfg.get("data_cache", "stream") == "memory" and loop is train_loop_per_worker:
+        # each worker reads, decodes and augments its rows itself (components.train.memory)
+        datasets = None
+        cfg.update(train_files=[str(Path(f).resolve()) for f in shard_files(train_dir)],
+                   val_files=[str(Path(f).resolve()) for f in shard_files(val_dir)], max_pixels=DEFAULT_MAX_PIXELS)
+    else:
+        datasets = {
+            "train": make_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
+            "val": make_dataset(val_dir, "val", policy=None, seed=None, **common),
+        }
     score = {} if select_by == "last" else dict(checkpoint_score_attribute=select_by,
                                                 checkpoint_score_order="min" if select_by == "val_loss" else "max")
     storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...): Ray Train handles both
