@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
@@ -78,11 +79,15 @@ def resolve_pretrained(spec: str) -> Path:
     if target.is_file():
         return target
     parts = urlparse(url)
-    try:
-        connection = socket.create_connection((parts.hostname, parts.port or 443), timeout=REACHABILITY_TIMEOUT_S)
-    except OSError as exc:
-        raise _imagenet_unavailable(url, target, f"{parts.hostname} is unreachable: {_reason(exc)}") from None
-    connection.close()
+    # Behind a proxy the host is not reachable directly, though the download (urllib honours the
+    # proxy variables) may work: then only the download itself can tell.
+    if not urllib.request.getproxies().get(parts.scheme):
+        try:
+            connection = socket.create_connection((parts.hostname, parts.port or 443),
+                                                  timeout=REACHABILITY_TIMEOUT_S)
+        except OSError as exc:
+            raise _imagenet_unavailable(url, target, f"{parts.hostname} is unreachable: {_reason(exc)}") from None
+        connection.close()
     try:
         torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)  # writes ``target``
     except Exception as exc:  # URLError, OSError, a hash mismatch, ...
