@@ -57,6 +57,7 @@ def setup_environment() -> None:
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     os.environ.setdefault("WANDB_MODE", "disabled")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_worker_niceness", "0")  # as pipelines.runtime.init_ray (params ray.worker_niceness)
 
 
 def _free_port() -> int:

@@ -122,6 +122,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--plain-steps", type=int, default=60)
+    ap.add_argument("--worker-niceness", type=int, default=0, help="Ray worker priority (Ray's default: 15)")
     ap.add_argument("--policy", default="el", help="augmentation policy of every arm (components/augment/policies.py)")
     ap.add_argument("--out", default=str(ROOT / "results" / "train_throughput.json"))
     args = ap.parse_args()
@@ -152,6 +153,9 @@ def main() -> None:
         plain_fp32.append(plain("fp32"))
         # The dashboard is on, as in the pipeline (ray.include_dashboard): Ray Train V2's placement-group
         # cleaner polls its State API and retries when there is none. A free port: never another Ray's.
+        # Workers at the daemons' priority, as init_ray starts the local Ray (params ray.worker_niceness);
+        # --worker-niceness 15 is Ray's own default.
+        os.environ["RAY_worker_niceness"] = str(args.worker_niceness)
         ray.init(num_cpus=2, include_dashboard=True, dashboard_port=_free_port(), logging_level=logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
         arms = [("resops Ray Train, 1 worker, memory cache, fp32", 1, "memory", "fp32"),
@@ -190,7 +194,7 @@ def main() -> None:
     print(f"bf16 autocast / fp32, plain loop: {bf16_speedup:.2f}x")
     result = {
         "benchmark": "train_throughput", "image_size": size, "batch_size": bs, "policy": pol,
-        "images": args.images, "epochs": args.epochs, "cpus": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
+        "images": args.images, "epochs": args.epochs, "ray_worker_niceness": args.worker_niceness, "cpus": os.cpu_count(), "cpu": cpu, "torch": torch.__version__,
         "ray": ray.__version__, "machine": platform.machine(), "started_load_average": os.getloadavg(),
         "results": {name: {"images_per_second": v, "ratio_to_plain_same_precision": ratio, "run_wall_seconds": wall}
                     for name, v, ratio, wall in table},
