@@ -337,7 +337,9 @@ def train_loop_per_worker(cfg: dict) -> None:
         return True
 
     epoch = start_epoch
-    finished = bool(state and state.get("finished"))
+    # A resumed run goes on while its schedule has room: more epochs or a larger budget than the run
+    # that wrote the checkpoint continue it; a spent budget or the last epoch ends it.
+    finished = run_progress() >= 1.0 - 1e-9
     while epoch < epochs and not finished:
         if memory:
             order = epoch_order(len(train_mem), steps_per_epoch, batch_size, seed * 100_003 + epoch * 101 + rank)
