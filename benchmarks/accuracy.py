@@ -37,7 +37,6 @@ from benchmarks.common import (ROOT, RESULTS, environment_info, evaluate_model_f
                                mean_std, parse_ints, say, setup_environment, start_ray, stop_ray, write_json)
 
 OUT = RESULTS / "accuracy.json"
-PICTURE = RESULTS / "accuracy.png"
 WORK = ROOT / "benchmarks" / "work" / "accuracy"
 RESOPS_STAGES = ("augment", "gan", "rebalance", "train")
 METRIC_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "mcc")
@@ -296,7 +295,7 @@ def main() -> None:
         say("no runs")
         return
     result["summary"] = summarise(runs)
-    result["picture"] = str(picture(runs, PICTURE).relative_to(ROOT))
+    result["picture"] = str(picture(runs, out.with_suffix(".png")))  # beside the JSON
     write_json(out, result)
     print(table(result["summary"]))
     if any(a in result["summary"] for a, _ in ABLATION):
