@@ -156,7 +156,9 @@ def test_training_survives_the_loss_of_a_worker_node(cluster, project, tmp_path)
     one job cover submit, fetch and node loss: each extra job costs minutes on 2 cores.)"""
     from ray.util.state import list_nodes
 
-    epochs = 3
+    # Enough epochs that the kill lands mid-run: from memory (train.data_cache) an epoch of the tiny
+    # data takes a couple of seconds, less than finding and killing the worker's node.
+    epochs = 10
     ckpt = tmp_path / "shared-checkpoints"  # the cluster's shared storage (same disk for every node here)
     cmd = [str(BIN / "resops"), "-S", f"train.epochs={epochs}", "-S", f"train.storage_path={ckpt}",
            "-S", "cluster.submit=[train]", "run", "train"]
