@@ -111,13 +111,14 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         make_dataset, loop = detection_dataset, detect_loop_per_worker
     else:
         make_dataset, loop = image_dataset, train_loop_per_worker
-        cfg["train_rows"] = count_rows(train_dir)
     if cfg.get("data_cache", "stream") == "memory" and loop is train_loop_per_worker:
         # each worker reads, decodes and augments its rows itself (components.train.memory)
         datasets = None
         cfg.update(train_files=[str(Path(f).resolve()) for f in shard_files(train_dir)],
                    val_files=[str(Path(f).resolve()) for f in shard_files(val_dir)], max_pixels=DEFAULT_MAX_PIXELS)
     else:
+        if loop is train_loop_per_worker:  # the streamed schedule's steps per epoch
+            cfg["train_rows"] = count_rows(train_dir)
         datasets = {
             "train": make_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
             "val": make_dataset(val_dir, "val", policy=None, seed=None, **common),
