@@ -468,7 +468,7 @@ def _shard_files(directory, images: np.ndarray, labels: np.ndarray, split: str) 
     return [str(f) for f in shard_files(directory)]
 
 
-def _run_loop(monkeypatch, **cfg_overrides) -> tuple[list[dict], list[dict]]:
+def _run_loop(monkeypatch, tmp, **cfg_overrides) -> tuple[list[dict], list[dict]]:
     """``train_loop_per_worker`` in this process with ray.train's worker API faked (one rank, CPU,
     no checkpoint to resume), a fake clock (1 s per training step) and 40 images of 8 px (10 steps
     of 4 per epoch). Returns (reported records, reported training states)."""
@@ -483,9 +483,6 @@ def _run_loop(monkeypatch, **cfg_overrides) -> tuple[list[dict], list[dict]]:
         clock, num_classes))
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (40, 8, 8, 1), dtype=np.uint8), np.arange(40) % 2
-    import tempfile
-
-    tmp = tempfile.mkdtemp(prefix="resops-loop-")
     files = {"train_files": _shard_files(f"{tmp}/train", images, labels, "train"),
              "val_files": _shard_files(f"{tmp}/val", images[:8], labels[:8], "val")}
 
@@ -513,17 +510,18 @@ def _run_loop(monkeypatch, **cfg_overrides) -> tuple[list[dict], list[dict]]:
                batch_size=4, lr=0.01, weight_decay=0.0, label_smoothing=0.0, threads_per_worker=1, seed=0,
                data_cache="memory", precision="fp32", online_policy=None, wandb={"mode": "disabled"},
                run_name="fake", **files) | cfg_overrides
-    torch_threads = torch.get_num_threads()
+    torch_threads, ray_before = torch.get_num_threads(), ray.is_initialized()
     try:
         loop.train_loop_per_worker(cfg)
     finally:
         torch.set_num_threads(torch_threads)
-    assert not ray.is_initialized()  # ray.train's API was faked: no Ray instance was started
+    # ray.train's API was faked: the loop started no Ray instance (another test may have one up)
+    assert ray.is_initialized() == ray_before
     return records, states
 
 
-def test_loop_schedule_over_epochs_with_ema(monkeypatch):
-    records, states = _run_loop(monkeypatch, epochs=2, ema_decay=0.9, schedule="cosine", warmup=0.0)
+def test_loop_schedule_over_epochs_with_ema(monkeypatch, tmp_path):
+    records, states = _run_loop(monkeypatch, tmp_path, epochs=2, ema_decay=0.9, schedule="cosine", warmup=0.0)
     assert [r["epoch"] for r in records] == [1, 2] and [r["step"] for r in records] == [10, 20]
     assert [r["train_seconds"] for r in records] == [10.0, 20.0]  # one (fake) second per step
     # the lr of an epoch is the one its last step ran with: step 9 and 19 of 20
@@ -533,9 +531,9 @@ def test_loop_schedule_over_epochs_with_ema(monkeypatch):
     assert {r["precision"] for r in records} == {"fp32"}
 
 
-def test_budget_run_spends_its_budget(monkeypatch):
+def test_budget_run_spends_its_budget(monkeypatch, tmp_path):
     # 25 s of budget, 10 s per epoch: epochs 1 and 2, then epoch 3 stops after 5 steps
-    records, _ = _run_loop(monkeypatch, epochs=50, budget_minutes=25 / 60, schedule="cosine", warmup=0.0)
+    records, _ = _run_loop(monkeypatch, tmp_path, epochs=50, budget_minutes=25 / 60, schedule="cosine", warmup=0.0)
     assert [r["step"] for r in records] == [10, 20, 25], records
     assert records[-1]["train_seconds"] == pytest.approx(25.0)
     assert records[-1]["lr"] == pytest.approx(0.01 * lr_factor(24 / 25))  # ~0.004 x lr
