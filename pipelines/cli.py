@@ -193,6 +193,11 @@ def cmd_predict(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["edge"]:  # the device runtime: nothing below (pandas, Ray, torch) is imported for it
+        from components.edge.cli import main as edge_main
+
+        return edge_main(argv[1:])
     ap = argparse.ArgumentParser(prog="resops", description="ResNet18-family visual inspection on Ray: DVC stages, serving.")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
@@ -253,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="environment variable holding the bearer token, if the server needs one")
     pr.add_argument("--timeout", type=float, default=30.0)
     pr.set_defaults(func=cmd_predict)
+    sub.add_parser("edge", add_help=False, help="the edge runtime on the device: the int8 edge model, escalating to "
+                                                "the cloud app (`resops edge --help`; needs no Ray or torch)")
 
     args = ap.parse_args(argv)
     from components.models.checkpoint import CheckpointError

@@ -540,6 +540,22 @@ def _split_logits(p: Params, split: str, cloud_path: Path, edge_path: Path, edge
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def write_edge_bundle(directory: Path, onnx_path: Path, edge_model: Path, args: dict, cal: dict) -> Path:
+    """The edge bundle (components.edge.bundle): the int8 ONNX edge model, its classes, input, temperature
+    and the cascade threshold, in a directory to copy to the device."""
+    from components.edge.bundle import write_bundle
+    from components.models.checkpoint import load_model
+
+    _, meta = load_model(edge_model)
+    return write_bundle(directory, onnx_path, model_name=str(meta["model_name"]),
+                        model_version=str(args["model_version"]),
+                        class_names=[str(n) for n in meta["class_names"]], image_size=int(meta["image_size"]),
+                        in_chans=int(meta["in_chans"]), temperature=float(cal["edge"]["temperature"]),
+                        threshold=float(args["threshold"]),
+                        **{k: int(args[k]) for k in ("max_body_bytes", "max_image_pixels", "min_image_side",
+                                                     "max_batch_images")})
+
+
 def calibrate(p: Params) -> dict:
     """Calibrate the cascade of the promoted models on the validation split and write the Serve config.
 
@@ -588,6 +604,8 @@ def calibrate(p: Params) -> dict:
         shutil.rmtree(SERVE_DIR)
     _write_json(SERVE_DIR / "calibration.json", cal)
     write_serve_config(SERVE_DIR / "serve_config.yaml", config)
+    if edge_onnx is not None:  # what `resops edge` runs on a device: the int8 model and its calibration
+        write_edge_bundle(SERVE_DIR / "edge", edge_onnx, edge_model, args, cal)
     metrics = {"threshold": float(threshold), "target": c["target"], "target_value": c["value"],
                "confidence_level": c["confidence_level"],
                "edge_temperature": cal["edge"]["temperature"], "cloud_temperature": cal["cloud"]["temperature"],

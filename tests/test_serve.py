@@ -173,6 +173,9 @@ def test_healthz_models_and_docs(server):
     assert {"400", "401", "413", "415", "422"} <= set(post["responses"])
     assert {p["name"] for p in post["parameters"]} == {"mode", "threshold"}
     assert server.get("/docs").status_code == 200
+    from netutil import assert_docs_are_local
+
+    assert_docs_are_local(server)  # Swagger UI and ReDoc from the package: they render on an offline network
 
 
 def test_tiers_hold_their_custom_resources(server):
@@ -408,3 +411,166 @@ def test_two_dimensional_npy_is_refused(server):
     np.save(buf, np.zeros((2, 600)))
     r = server.post("/predict_signal", content=buf.getvalue(), headers={"content-type": "application/x-npy"})
     assert r.status_code == 422 and "1-D" in r.json()["error"]
+
+
+# ---------------------------------------------------------------------------- `resops edge` in front of this app
+@pytest.fixture()
+def edge_bundle(files, tmp_path):
+    """The edge bundle of these promoted files, as the calibrate stage writes it."""
+    from components.edge.bundle import write_bundle
+
+    write_bundle(tmp_path / "bundle", files / "edge_int8.onnx", model_name="resnet18", model_version=VERSION,
+                 class_names=CLASSES, image_size=32, in_chans=1, temperature=TEMPS["edge"], threshold=0.4,
+                 max_body_bytes=MAX_BODY, max_image_pixels=MAX_PIXELS, min_image_side=8, max_batch_images=16)
+    return tmp_path / "bundle"
+
+
+def _edge_app(bundle, url, tmp_path, **kw):
+    from components.edge.app import create_app
+
+    return create_app(bundle, cloud_url=url, cloud_token_env=None, outbox_dir=tmp_path / "outbox",
+                      resend_interval_s=0.2, **kw)
+
+
+def test_edge_runtime_escalates_to_the_cloud_app(server, files, edge_bundle, tmp_path):
+    from netutil import uvicorn_server
+
+    images = [_png(700 + i) for i in range(6)]
+    cloud = [server.post("/predict", content=b, params={"mode": "cloud"}).json() for b in images]
+    edge_tier = [server.post("/predict", content=b, params={"mode": "edge"}).json() for b in images]
+    with uvicorn_server(_edge_app(edge_bundle, f"http://127.0.0.1:{server.port}", tmp_path)) as url, \
+            httpx.Client(base_url=url, timeout=30.0) as client:
+        for b, want, want_edge in zip(images, cloud, edge_tier):
+            up = client.post("/predict", content=b, params={"threshold": 1.0}).json()  # below 1: always escalates
+            assert up["tier"] == "cloud" and up["escalated"] is True and up["degraded"] is False
+            assert up["label"] == want["label"]
+            np.testing.assert_allclose(_probs(up), _probs(want), atol=1e-5)
+            assert up["model_versions"] == {"edge": VERSION, "cloud": VERSION}
+            local = client.post("/predict", content=b, params={"threshold": 0.0}).json()  # never escalates
+            assert local["tier"] == "edge" and local["escalated"] is False
+            # The device's Pillow preprocessing and Serve's OpenCV one give the same int8 model's answer.
+            np.testing.assert_allclose(_probs(local), _probs(want_edge), atol=0.02)
+            assert local["edge_confidence"] == pytest.approx(max(_probs(local)))
+        cloud_mode = client.post("/predict", content=images[0], params={"mode": "cloud"}).json()
+        assert cloud_mode["tier"] == "cloud" and cloud_mode["edge_confidence"] is None
+        health = client.get("/healthz").json()
+        assert health["cloud"]["available"] is True and health["outbox"]["pending"] == 0
+
+
+def _wait_for(predicate, what: str, timeout: float = 30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"{what} within {timeout:g} s"
+        time.sleep(0.1)
+    return value
+
+
+def test_edge_runtime_degrades_queues_and_resends_when_the_cloud_is_down(server, edge_bundle, tmp_path):
+    """The cloud goes away (its address refuses connections, as when its process is killed), then hangs
+    (accepts, never answers), then comes back: every request is answered, nothing queued is lost."""
+    from netutil import TcpRelay, uvicorn_server
+
+    relay = TcpRelay(server.port)
+    images = [_png(800 + i) for i in range(5)]
+    truth = [server.post("/predict", content=b, params={"mode": "cloud"}).json()["label"] for b in images]
+    app = _edge_app(edge_bundle, relay.url, tmp_path, timeout_s=1.0)
+    try:
+        with uvicorn_server(app) as url, httpx.Client(base_url=url, timeout=30.0) as client:
+            assert client.post("/predict", content=images[0], params={"threshold": 1.0}).json()["tier"] == "cloud"
+            relay.cut()
+            answers = [client.post("/predict", content=b, params={"threshold": 1.0}) for b in images]
+            assert [a.status_code for a in answers] == [200] * len(images)
+            first = answers[0].json()
+            assert first["degraded"] is True and first["tier"] == "edge" and first["escalated"] is False
+            assert "unreachable" in first["degraded_reason"]
+            # Once the cloud has failed, later escalations answer at once instead of retrying every request.
+            assert all("unavailable since the last failure" in a.json()["degraded_reason"] for a in answers[1:])
+            assert client.post("/predict", content=b"garbage").status_code == 415  # bad input is still bad input
+            assert client.post("/predict", content=images[0], params={"mode": "edge"}).json()["degraded"] is False
+            box = client.get("/outbox").json()
+            assert box["pending"] == len(images) and box["queued"] == len(images)
+            assert client.get("/healthz").json()["cloud"]["available"] is False
+            relay.restore()
+            box = _wait_for(lambda: (b := client.get("/outbox", params={"recent": 10}).json())["pending"] == 0 and b,
+                            "the outbox was not resent after the cloud came back")
+            assert box["resent"] == len(images) and box["dropped"] == 0
+            assert [r["cloud_label"] for r in box["recent"]] == truth  # oldest first, the cloud's own answers
+            assert client.post("/predict", content=images[1], params={"threshold": 1.0}).json()["tier"] == "cloud"
+            relay.hang = True  # a cloud that accepts and never answers: the timeout bounds the wait
+            slow = client.post("/predict", content=images[2], params={"threshold": 1.0}).json()
+            assert slow["degraded"] is True and "did not answer within 1 s" in slow["degraded_reason"]
+            assert slow["latency_ms"]["cloud"] < 5000
+            relay.hang = False
+            _wait_for(lambda: client.get("/outbox").json()["pending"] == 0, "the slow cloud's input was not resent")
+    finally:
+        relay.close()
+
+
+def test_user_config_reconfigures_threshold_mode_and_temperature_without_restarting_replicas(server, files):
+    """The Serve config's user_config is live: a changed threshold, default mode or temperature takes effect on
+    the running replicas (Serve's lightweight update), which keep their actors."""
+    import copy
+
+    from ray.util.state import list_actors
+
+    def replicas() -> list[str]:
+        return sorted(a.actor_id for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+                      if a.class_name.startswith("ServeReplica:resops:"))
+
+    before = replicas()
+    assert len(before) == 4  # router, 2 edge, 1 cloud
+    config = copy.deepcopy(server.config)
+    deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
+    assert deps["Router"]["user_config"] == {"threshold": 0.4, "default_mode": "cascade"}
+    deps["Router"]["user_config"] = {"threshold": 0.9, "default_mode": "cloud"}
+    deps["CloudClassifier"]["user_config"] = {"temperature": 3.0}
+    try:
+        deploy_config(config)
+        models = _wait_for(lambda: (m := server.get("/models").json())["threshold"] == 0.9
+                           and m["cloud"]["temperature"] == 3.0 and m, "the new user_config was not applied")
+        assert models["default_mode"] == "cloud"
+        answer = server.post("/predict", content=_png(31)).json()
+        assert answer["mode"] == "cloud" and answer["tier"] == "cloud"
+        x = _tensors([_png(31)])
+        model, _ = load_model(files / "full.pt")
+        with torch.inference_mode():
+            want = softmax(model(torch.from_numpy(x)).numpy(), 3.0)[0]
+        np.testing.assert_allclose(_probs(answer), want, atol=1e-4)  # the cloud tier uses the new temperature
+        assert replicas() == before  # reconfigured in place, not restarted
+    finally:
+        deploy_config(server.config)
+    _wait_for(lambda: server.get("/models").json()["threshold"] == 0.4, "the original user_config was not restored")
+
+
+def test_application_metrics_on_rays_metrics_endpoint(server):
+    """Requests by tier and mode, escalations, the edge-confidence histogram, errors by reason and latency
+    per tier, scraped from the node's Prometheus endpoint as a monitoring stack would."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for i in range(4):
+        assert server.post("/predict", content=_png(40 + i), params={"threshold": 1.0}).json()["escalated"]
+    assert server.post("/predict", content=b"not an image").status_code == 415
+    assert server.post("/predict", content=b"").status_code == 400
+    port = next(n["MetricsExportPort"] for n in ray.nodes() if n["Alive"])
+
+    def samples():
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10.0).text
+        found = {}
+        for family in text_string_to_metric_families(text):
+            if "resops_" in family.name:
+                for sample in family.samples:
+                    found.setdefault(sample.name.removeprefix("ray_"), []).append(sample)
+        ready = (sum(s.value for s in found.get("resops_escalations_total", [])) >= 4
+                 and any(s.labels.get("reason") == "http_400" for s in found.get("resops_errors_total", [])))
+        return found if ready else None
+
+    found = _wait_for(samples, "the resops metrics did not reach Ray's metrics endpoint", timeout=60.0)
+    cascade_cloud = [s for s in found["resops_requests_total"] if s.labels.get("tier") == "cloud"
+                     and s.labels.get("mode") == "cascade"]
+    assert sum(s.value for s in cascade_cloud) >= 4
+    assert any(s.labels.get("reason") == "undecodable" and s.value >= 1 for s in found["resops_errors_total"])
+    assert sum(s.value for s in found["resops_edge_confidence_count"]) >= 4
+    assert {s.labels.get("tier") for s in found["resops_tier_latency_ms_count"]} >= {"edge", "cloud", "total"}

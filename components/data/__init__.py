@@ -1,8 +1,19 @@
-"""Datasets: registry of sources (elpv, folder, synthetic), preparation into sharded Parquet."""
-from components.data.images import ImageDecodeError, decode_image, encode_png
-from components.data.prepare import CorruptDataError, load_report, prepare_dataset
-from components.data.shards import read_shards, shard_files, write_shards
-from components.data.sources import get_source, list_sources
+"""Datasets: registry of sources (elpv, folder, synthetic), preparation into sharded Parquet.
 
-__all__ = ["ImageDecodeError", "decode_image", "encode_png", "CorruptDataError", "load_report", "prepare_dataset",
-           "read_shards", "shard_files", "write_shards", "get_source", "list_sources"]
+The names below are imported lazily, so ``components.data.images`` (numpy and Pillow only) can be
+used where pandas, pyarrow and scikit-learn are not installed: the edge runtime (``resops edge``).
+"""
+_LAZY = {"ImageDecodeError": "images", "decode_image": "images", "encode_png": "images",
+         "CorruptDataError": "prepare", "load_report": "prepare", "prepare_dataset": "prepare",
+         "read_shards": "shards", "shard_files": "shards", "write_shards": "shards",
+         "get_source": "sources", "list_sources": "sources"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f"components.data.{_LAZY[name]}"), name)
+    raise AttributeError(f"module 'components.data' has no attribute {name!r}")

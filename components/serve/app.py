@@ -41,70 +41,25 @@ Errors are JSON ``{"error": "<what is wrong>"}`` and never take the server down:
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
-import hmac
-import io
-import json
 import os
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from ray import serve
 from ray.serve.handle import DeploymentHandle
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.data.images import ImageDecodeError
 from components.registry import file_sha256
+from components.serve.http import (PREDICT_BODY, PREDICT_PARAMS, STATUS_OF_REASON, UNDECODABLE, BadRequest,
+                                   RequestReader, answer, check_image_header, decode_error, error,
+                                   install_error_handlers, parse_mode, parse_threshold, refused)
 from components.serve.schema import (DETECT_ERRORS, MODES, PREDICT_ERRORS, SIGNAL_ERRORS, BatchDetectResponse,
                                      BatchPredictResponse, DetectResponse, ErrorResponse, HealthResponse,
                                      ModelsResponse, PredictResponse, SignalPredictResponse)
-
-UNDECODABLE, TOO_LARGE, TOO_SMALL = "undecodable", "too_large", "too_small"
-_STATUS = {UNDECODABLE: 415, TOO_LARGE: 413, TOO_SMALL: 422}
-RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
-
-
-class ImageTooLargeError(ImageDecodeError):
-    """The image header declares more pixels than allowed; raised before any pixel is decoded."""
-
-
-class ImageTooSmallError(ImageDecodeError):
-    """The image is smaller than the smallest side a classifier can say anything about."""
-
-
-def check_image_header(data: bytes, max_pixels: int, min_side: int = 1) -> None:
-    """Refuse images whose header declares more than ``max_pixels`` pixels (or PIL's own bomb limit)
-    or a side shorter than ``min_side``.
-
-    Only the header is read. Data PIL cannot identify passes through: decoding names that problem.
-    """
-    from PIL import Image
-
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                w, h = img.size
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image too large (decompression bomb): {exc}") from None
-    except Exception:  # not an image, unreadable header: decode_image says what is wrong
-        return
-    if w * h > max_pixels:
-        raise ImageTooLargeError(f"image has {w}x{h}={w * h} pixels, above the limit of {max_pixels}")
-    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS:
-        raise ImageTooLargeError(f"image has {w}x{h}={w * h} pixels, above PIL's decompression-bomb "
-                                 f"limit of {Image.MAX_IMAGE_PIXELS}")
-    if min(w, h) < min_side:
-        raise ImageTooSmallError(f"image is {w}x{h} pixels; its shorter side must be at least {min_side}")
-
 
 def read_model_info(model_path: str) -> dict:
     """Load a model file in this process to validate it; return its metadata.
@@ -244,12 +199,8 @@ class _Tier:
         naming why the bytes are not a usable image."""
         try:
             return await asyncio.get_running_loop().run_in_executor(self._decode_pool, preprocess, data), None
-        except ImageTooLargeError as exc:
-            return None, {"error": str(exc), "reason": TOO_LARGE}
-        except ImageTooSmallError as exc:
-            return None, {"error": str(exc), "reason": TOO_SMALL}
         except ImageDecodeError as exc:
-            return None, {"error": str(exc), "reason": UNDECODABLE}
+            return None, decode_error(exc)
 
     async def predict(self, data: bytes) -> dict:
         start = time.perf_counter()
@@ -287,6 +238,19 @@ class _Tier:
                 "model_name": str(self.meta["model_name"]), "batch_size": batch_size,
                 "compute_ms": (time.perf_counter() - start) * 1000.0}
 
+    def reconfigure(self, config: dict) -> None:
+        """Serve ``user_config`` (``{"temperature": T}``): a changed value in the Serve config takes effect
+        on the running replicas, without restarting them."""
+        temperature = float((config or {}).get("temperature", self.temperature))
+        if not temperature > 0:
+            raise ValueError(f"{self.tier}: temperature must be > 0, got {temperature}")
+        self.temperature = temperature
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: the model still runs a forward pass (else Serve replaces the replica)."""
+        size, chans = int(self.meta["image_size"]), int(self.meta["in_chans"])
+        self.forward(np.zeros((1, chans, size, size), dtype=np.float32))
+
     def stats(self) -> dict:
         """Batches run by this replica: how well requests are being batched."""
         return dict(self.batch_stats)
@@ -314,101 +278,47 @@ class CloudClassifier(_Tier):
     tier = "cloud"
 
 
-api = FastAPI(title="resops", version="2",
+# /docs and /redoc load Swagger UI and ReDoc from the package (fastapi-offline), not a CDN: they render offline.
+api = FastAPIOffline(title="resops", version="2",
               description="ResNet18-family visual inspection with cloud-edge collaborative inference: the edge "
                           "model answers confident inputs, the rest escalate to the full model in the cloud.")
+install_error_handlers(api)
 
 
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message}, headers=headers)
+class RouterMetrics:
+    """Application metrics (``ray.serve.metrics``), exported on every node's Ray metrics endpoint
+    (Prometheus text, ``ray_`` prefixed; the node's ``MetricsExportPort``) next to Serve's own."""
 
+    CONFIDENCE_BOUNDARIES = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99]
+    LATENCY_BOUNDARIES_MS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000]
 
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail)}, headers=exc.headers)
+    def __init__(self):
+        from ray.serve import metrics
 
+        self.requests = metrics.Counter("resops_requests", description="images answered, by answering tier and mode",
+                                        tag_keys=("tier", "mode"))
+        self.escalations = metrics.Counter("resops_escalations",
+                                           description="cascade images the edge escalated to the cloud")
+        self.edge_confidence = metrics.Histogram("resops_edge_confidence",
+                                                 description="the edge model's calibrated top probability",
+                                                 boundaries=self.CONFIDENCE_BOUNDARIES)
+        self.errors = metrics.Counter("resops_errors", description="refused requests and images, by reason",
+                                      tag_keys=("reason",))
+        self.latency = metrics.Histogram("resops_tier_latency_ms", description="time of a tier call as the router "
+                                         "sees it (total: the whole image)", boundaries=self.LATENCY_BOUNDARIES_MS,
+                                         tag_keys=("tier",))
 
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error(422, "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()))
+    def answered(self, result: dict) -> None:
+        self.requests.inc(tags={"tier": result["tier"], "mode": result["mode"]})
+        if result["escalated"]:
+            self.escalations.inc()
+        if result["edge_confidence"] is not None:
+            self.edge_confidence.observe(result["edge_confidence"])
+        for tier, ms in result["latency_ms"].items():
+            self.latency.observe(ms, tags={"tier": tier})
 
-
-_PREDICT_BODY = {
-    "required": True,
-    "description": "an image (multipart field `file`, or the raw encoded bytes as the body), or a JSON batch "
-                   "{\"images\": [base64, ...], \"mode\": \"cascade\", \"threshold\": 0.6}",
-    "content": {
-        "multipart/form-data": {"schema": {"type": "object", "required": ["file"],
-                                           "properties": {"file": {"type": "string", "format": "binary"}}}},
-        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        "image/png": {"schema": {"type": "string", "format": "binary"}},
-        "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-        "application/json": {"schema": {"type": "object", "required": ["images"], "properties": {
-            "images": {"type": "array", "items": {"type": "string", "format": "byte"}},
-            "mode": {"type": "string", "enum": list(MODES)},
-            "threshold": {"type": "number", "minimum": 0, "maximum": 1}}}},
-    },
-}
-_PREDICT_PARAMS = [
-    {"name": "mode", "in": "query", "required": False, "schema": {"type": "string", "enum": list(MODES)},
-     "description": "edge | cloud | cascade (default: the app's default_mode)"},
-    {"name": "threshold", "in": "query", "required": False,
-     "schema": {"type": "number", "minimum": 0, "maximum": 1},
-     "description": "cascade only: escalate when the edge's calibrated confidence is below this "
-                    "(default: the calibrated threshold)"},
-]
-
-
-def _answer(results: list[dict], ctype: str, start: float, one, batch):
-    """The HTTP answer to one image (``one(**result)``) or a JSON batch (``batch(predictions=...)``);
-    the first tier error becomes its status code, naming the image of a batch."""
-    for i, result in enumerate(results):
-        if "error" in result:
-            where = f"images[{i}]: " if ctype == "application/json" else ""
-            return _error(_STATUS[result["reason"]], where + result["error"])
-    if ctype == "application/json":
-        return batch(predictions=[one(**r) for r in results], latency_ms=(time.perf_counter() - start) * 1000.0)
-    return one(**results[0])
-
-
-class _BadRequest(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _parse_mode(value, default: str) -> str:
-    if value is None or value == "":
-        return default
-    if value not in MODES:
-        raise _BadRequest(422, f"mode must be one of {', '.join(MODES)}, got {value!r}")
-    return value
-
-
-def _parse_threshold(value, default: float, name: str = "threshold") -> float:
-    if value is None or value == "":
-        return default
-    try:
-        t = float(value)
-    except (TypeError, ValueError):
-        raise _BadRequest(422, f"{name} must be a number in [0, 1], got {value!r}") from None
-    if not 0.0 <= t <= 1.0:  # also refuses NaN
-        raise _BadRequest(422, f"{name} must be a number in [0, 1], got {value!r}")
-    return t
-
-
-def _b64decode(text, index: int) -> bytes:
-    if not isinstance(text, str):
-        raise _BadRequest(400, f"images[{index}] must be a base64 string, not {type(text).__name__}")
-    if text.startswith("data:"):  # data URL: data:image/png;base64,....
-        text = text.partition(",")[2]
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise _BadRequest(400, f"images[{index}] is not valid base64: {exc}") from None
-    if not data:
-        raise _BadRequest(400, f"images[{index}] is empty")
-    return data
+    def refused(self, reason: str) -> None:
+        self.errors.inc(tags={"reason": reason})
 
 
 @serve.deployment
@@ -419,7 +329,7 @@ class Router:
     def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, info: dict, *, default_mode: str = "cascade",
                  threshold: float = 0.5, max_body_bytes: int = 10_000_000, max_batch_images: int = 64,
                  auth_token: str | None = None, auth_token_env: str | None = None, signal: dict | None = None,
-                 detection: dict | None = None):
+                 detection: dict | None = None, health_timeout_s: float = 2.0):
         if default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
         self.edge, self.cloud = edge, cloud
@@ -431,87 +341,13 @@ class Router:
         self.max_detections = int(det.get("max_detections", 100))
         self.default_mode = default_mode
         self.threshold = float(threshold)
-        self.max_body_bytes, self.max_batch_images = max_body_bytes, max_batch_images
-        # The token never sits in a config file: the app is given the name of an environment variable
-        # (a Kubernetes Secret on a cluster), read here on the router's node.
-        token = auth_token or (os.environ.get(auth_token_env) if auth_token_env else None)
-        self._token = token.encode() if token else None
-        self._tiers_seen = False
+        self.health_timeout_s = float(health_timeout_s)
+        self.metrics = RouterMetrics()
+        self.reader = RequestReader(max_body_bytes=max_body_bytes, max_batch_images=max_batch_images,
+                                    auth_token=auth_token, auth_token_env=auth_token_env)
         from components.serve.signal import check_settings
 
         self.signal = check_settings(signal) if signal else None
-
-    # ------------------------------------------------------------------ request checks
-    def _authorize(self, request: Request) -> None:
-        if self._token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self._token):
-            raise _BadRequest(401, "missing or invalid bearer token: send 'Authorization: Bearer <token>'")
-
-    async def _read_body(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                declared_n = int(declared)
-            except ValueError:
-                raise _BadRequest(400, f"invalid Content-Length header {declared!r}") from None
-            if declared_n > self.max_body_bytes:
-                raise _BadRequest(413, f"request body of {declared_n} bytes is above the limit of "
-                                       f"{self.max_body_bytes} bytes")
-        chunks, size = [], 0
-        async for chunk in request.stream():  # the real size: Content-Length may be absent (chunked) or lie
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise _BadRequest(413, f"request body is above the limit of {self.max_body_bytes} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    async def _multipart_file(self, request: Request, body: bytes) -> bytes:
-        sent = False
-
-        async def replay() -> dict:  # parse the form from the bytes already read and size-checked
-            nonlocal sent
-            if sent:
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, receive=replay).form(max_files=1, max_fields=16)
-        except StarletteHTTPException as exc:
-            raise _BadRequest(400, f"malformed multipart/form-data body: {exc.detail}") from None
-        try:
-            upload = form.get("file")
-            if upload is None:
-                raise _BadRequest(422, "multipart/form-data request has no 'file' field; "
-                                       f"fields present: {sorted(form.keys())}")
-            if not isinstance(upload, UploadFile):
-                raise _BadRequest(422, "multipart field 'file' must be a file upload, not a text value")
-            data = await upload.read()
-        finally:
-            await form.close()
-        if not data:
-            raise _BadRequest(400, "uploaded file 'file' is empty")
-        return data
-
-    def _json_batch(self, body: bytes, fields: tuple[str, ...] = ("mode", "threshold")) -> tuple[list[bytes], dict]:
-        try:
-            doc = json.loads(body)
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise _BadRequest(400, f"malformed JSON body: {exc}") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
-            raise _BadRequest(422, 'JSON body must be an object {"images": [base64, ...]}')
-        images = doc["images"]
-        if not images:
-            raise _BadRequest(422, "'images' is empty")
-        if len(images) > self.max_batch_images:
-            raise _BadRequest(413, f"{len(images)} images in one request, above the limit of "
-                                   f"{self.max_batch_images}")
-        unknown = sorted(set(doc) - {"images", *fields})
-        if unknown:
-            raise _BadRequest(422, f"unknown JSON fields {unknown}; allowed: images, {', '.join(fields)}")
-        return [_b64decode(s, i) for i, s in enumerate(images)], doc
 
     # ------------------------------------------------------------------ routing
     async def classify(self, data: bytes, mode: str, threshold: float) -> dict:
@@ -524,6 +360,7 @@ class Router:
             result = await self.edge.predict.remote(data)
             latency["edge"] = (time.perf_counter() - t) * 1000.0
             if "error" in result:
+                self.metrics.refused(result["reason"])
                 return result
             edge_conf, tier = result["confidence"], "edge"
             batch_sizes["edge"], versions["edge"] = result["batch_size"], result["model_version"]
@@ -533,53 +370,38 @@ class Router:
             result = await self.cloud.predict.remote(data)
             latency["cloud"] = (time.perf_counter() - t) * 1000.0
             if "error" in result:
+                self.metrics.refused(result["reason"])
                 return result
             tier = "cloud"
             batch_sizes["cloud"], versions["cloud"] = result["batch_size"], result["model_version"]
         latency["total"] = (time.perf_counter() - start) * 1000.0
-        return {"label": result["label"], "label_index": result["label_index"],
-                "probabilities": result["probabilities"], "tier": tier, "mode": mode,
-                "escalated": mode == "cascade" and escalate, "edge_confidence": edge_conf,
-                "threshold": threshold if mode == "cascade" else None, "model_name": result["model_name"],
-                "model_versions": versions, "batch_size": batch_sizes, "latency_ms": latency}
+        answer = {"label": result["label"], "label_index": result["label_index"],
+                  "probabilities": result["probabilities"], "tier": tier, "mode": mode,
+                  "escalated": mode == "cascade" and escalate, "edge_confidence": edge_conf,
+                  "threshold": threshold if mode == "cascade" else None, "model_name": result["model_name"],
+                  "model_versions": versions, "batch_size": batch_sizes, "latency_ms": latency}
+        self.metrics.answered(answer)
+        return answer
 
     @api.post("/predict", response_model=PredictResponse | BatchPredictResponse,
-              openapi_extra={"requestBody": _PREDICT_BODY, "parameters": _PREDICT_PARAMS},
+              openapi_extra={"requestBody": PREDICT_BODY, "parameters": PREDICT_PARAMS},
               responses={code: {"model": ErrorResponse, "description": why} for code, why in PREDICT_ERRORS.items()})
     async def predict(self, request: Request):
         """Classify one image (multipart field `file`, or the raw bytes) or a JSON batch of base64 images."""
         start = time.perf_counter()
         try:
-            self._authorize(request)
+            self.reader.authorize(request)
             if self.task == "detect":
-                raise _BadRequest(404, "this app serves a detector: POST /detect")
-            images, ctype, doc = await self._images(request)
+                raise BadRequest(404, "this app serves a detector: POST /detect")
+            images, ctype, doc = await self.reader.images(request)
             query = request.query_params
-            mode = _parse_mode(doc.get("mode", query.get("mode")), self.default_mode)
-            threshold = _parse_threshold(doc.get("threshold", query.get("threshold")), self.threshold)
-        except _BadRequest as exc:
-            return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+            mode = parse_mode(doc.get("mode", query.get("mode")), self.default_mode)
+            threshold = parse_threshold(doc.get("threshold", query.get("threshold")), self.threshold)
+        except BadRequest as exc:
+            return self._refused(exc)
         # The images of a batch go through the tiers concurrently, so the tiers batch them together.
         results = await asyncio.gather(*(self.classify(data, mode, threshold) for data in images))
-        return _answer(results, ctype, start, PredictResponse, BatchPredictResponse)
-
-    async def _images(self, request: Request,
-                      fields: tuple[str, ...] = ("mode", "threshold")) -> tuple[list[bytes], str, dict]:
-        """The image(s) of a /predict or /detect request: (images, content type, JSON fields or {})."""
-        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if ctype and not (ctype in ("multipart/form-data", "application/json")
-                          or ctype.startswith(RAW_CONTENT_TYPES)):
-            raise _BadRequest(415, f"unsupported content type {ctype!r}: send an image (image/*, "
-                                   "application/octet-stream), multipart/form-data with field 'file', or "
-                                   'application/json {"images": [base64, ...]}')
-        body = await self._read_body(request)
-        if not body:
-            raise _BadRequest(400, "empty request body: send an image as the body, as multipart field 'file', "
-                                   'or a JSON batch {"images": [base64, ...]}')
-        if ctype == "application/json":
-            images, doc = self._json_batch(body, fields)
-            return images, ctype, doc
-        return [await self._multipart_file(request, body) if ctype == "multipart/form-data" else body], ctype, {}
+        return answer(results, ctype, start, PredictResponse, BatchPredictResponse)
 
     async def detect_one(self, data: bytes, mode: str, threshold: float, score_threshold: float,
                          iou_threshold: float) -> dict:
@@ -609,7 +431,7 @@ class Router:
                 "latency_ms": latency}
 
     @api.post("/detect", response_model=DetectResponse | BatchDetectResponse,
-              openapi_extra={"requestBody": _PREDICT_BODY},
+              openapi_extra={"requestBody": PREDICT_BODY},
               responses={code: {"model": ErrorResponse, "description": why} for code, why in DETECT_ERRORS.items()})
     async def detect(self, request: Request):
         """Detect objects on one image (multipart field `file`, or the raw bytes) or a JSON batch of base64
@@ -617,19 +439,19 @@ class Router:
         start = time.perf_counter()
         fields = ("mode", "threshold", "score_threshold", "iou_threshold")
         try:
-            self._authorize(request)
+            self.reader.authorize(request)
             if self.task != "detect":
-                raise _BadRequest(404, "this app serves a classifier: POST /predict")
-            images, ctype, doc = await self._images(request, fields)
+                raise BadRequest(404, "this app serves a classifier: POST /predict")
+            images, ctype, doc = await self.reader.images(request, fields)
             q = {**request.query_params, **doc}
-            mode = _parse_mode(q.get("mode"), self.default_mode)
-            threshold = _parse_threshold(q.get("threshold"), self.threshold)
-            score = _parse_threshold(q.get("score_threshold"), self.score_threshold, "score_threshold")
-            iou = _parse_threshold(q.get("iou_threshold"), self.iou_threshold, "iou_threshold")
-        except _BadRequest as exc:
-            return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+            mode = parse_mode(q.get("mode"), self.default_mode)
+            threshold = parse_threshold(q.get("threshold"), self.threshold)
+            score = parse_threshold(q.get("score_threshold"), self.score_threshold, "score_threshold")
+            iou = parse_threshold(q.get("iou_threshold"), self.iou_threshold, "iou_threshold")
+        except BadRequest as exc:
+            return self._refused(exc)
         results = await asyncio.gather(*(self.detect_one(data, mode, threshold, score, iou) for data in images))
-        return _answer(results, ctype, start, DetectResponse, BatchDetectResponse)
+        return answer(results, ctype, start, DetectResponse, BatchDetectResponse)
 
     @api.post("/predict_signal", response_model=SignalPredictResponse,
               responses={code: {"model": ErrorResponse, "description": why} for code, why in SIGNAL_ERRORS.items()})
@@ -640,33 +462,33 @@ class Router:
 
         start = time.perf_counter()
         try:
-            self._authorize(request)
+            self.reader.authorize(request)
             if self.signal is None:
-                raise _BadRequest(404, "this app serves images (POST /predict): it was not built from an EEG dataset")
+                raise BadRequest(404, "this app serves images (POST /predict): it was not built from an EEG dataset")
             ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype not in SIGNAL_CONTENT_TYPES:
-                raise _BadRequest(415, f"unsupported content type {ctype!r}: send application/json "
+                raise BadRequest(415, f"unsupported content type {ctype!r}: send application/json "
                                        '{"signal": [...]}, text/plain (one number per line) or application/x-npy')
-            body = await self._read_body(request)
+            body = await self.reader.body(request)
             if not body:
-                raise _BadRequest(400, "empty request body: send a signal")
+                raise BadRequest(400, "empty request body: send a signal")
             x, doc = parse_signal(body, ctype, self.signal["max_samples"])
             query = request.query_params
-            mode = _parse_mode(doc.get("mode", query.get("mode")), self.default_mode)
-            threshold = _parse_threshold(doc.get("threshold", query.get("threshold")), self.threshold)
+            mode = parse_mode(doc.get("mode", query.get("mode")), self.default_mode)
+            threshold = parse_threshold(doc.get("threshold", query.get("threshold")), self.threshold)
             fs = doc.get("fs", query.get("fs"))
             if isinstance(fs, str):
                 try:
                     fs = float(fs)
                 except ValueError:
-                    raise _BadRequest(422, f"fs must be a number of Hz, got {fs!r}") from None
+                    raise BadRequest(422, f"fs must be a number of Hz, got {fs!r}") from None
             images = await asyncio.get_running_loop().run_in_executor(None, signal_images, x, self.signal, fs)
-        except (_BadRequest, SignalError) as exc:
-            return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None)
+        except (BadRequest, SignalError) as exc:
+            return self._refused(exc)
         results = await asyncio.gather(*(self.classify(data, mode, threshold) for data in images))
         for i, result in enumerate(results):
             if "error" in result:
-                return _error(_STATUS[result["reason"]], f"window {i}: " + result["error"])
+                return error(STATUS_OF_REASON[result["reason"]], f"window {i}: " + result["error"])
         names = list(results[0]["probabilities"])
         mean = {n: float(np.mean([r["probabilities"][n] for r in results])) for n in names}
         best = max(range(len(names)), key=lambda k: mean[names[k]])
@@ -675,16 +497,32 @@ class Router:
                                      windows=[PredictResponse(**r) for r in results],
                                      latency_ms=(time.perf_counter() - start) * 1000.0)
 
+    def _refused(self, exc) -> object:
+        self.metrics.refused(f"http_{exc.status}")
+        return refused(exc)
+
+    def reconfigure(self, config: dict) -> None:
+        """Serve ``user_config`` (``{"threshold": t, "default_mode": m}``): a changed value in the Serve
+        config takes effect on the running router, without restarting it."""
+        config = dict(config or {})
+        mode = config.get("default_mode", self.default_mode)
+        if mode not in MODES:
+            raise ValueError(f"default_mode must be one of {MODES}, got {mode!r}")
+        threshold = float(config.get("threshold", self.threshold))
+        if not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        self.default_mode, self.threshold = mode, threshold
+
     @api.get("/healthz", response_model=HealthResponse,
-             responses={503: {"model": ErrorResponse, "description": "a tier has not answered yet"}})
+             responses={503: {"model": ErrorResponse, "description": "a tier does not answer"}})
     async def healthz(self):
-        """OK once both tiers have answered: the router alone is up before the models are loaded."""
-        if not self._tiers_seen:
+        """OK when both tiers answer now (asked on every call: a probe sees a tier that died)."""
+        for tier, handle in (("edge", self.edge), ("cloud", self.cloud)):
             try:
-                await asyncio.wait_for(asyncio.gather(self.edge.info.remote(), self.cloud.info.remote()), timeout=2.0)
-            except Exception as exc:  # any failure means "not ready yet"
-                return _error(503, f"models not ready: a tier did not answer ({type(exc).__name__})")
-            self._tiers_seen = True
+                await asyncio.wait_for(handle.info.remote(), timeout=self.health_timeout_s)
+            except Exception as exc:  # any failure means "not serving"
+                return error(503, f"the {tier} tier did not answer within {self.health_timeout_s:g} s "
+                                  f"({type(exc).__name__})")
         return HealthResponse(default_mode=self.default_mode,
                               model_versions={t: self.info[t]["model_version"] for t in ("edge", "cloud")})
 
@@ -692,10 +530,14 @@ class Router:
     async def models(self, request: Request):
         """The two tiers (model, version, files, backend, temperature) and the cascade settings."""
         try:
-            self._authorize(request)
-        except _BadRequest as exc:
-            return _error(exc.status, str(exc), {"WWW-Authenticate": "Bearer"})
-        return ModelsResponse(default_mode=self.default_mode, threshold=self.threshold, **self.info)
+            self.reader.authorize(request)
+        except BadRequest as exc:
+            return self._refused(exc)
+        info = dict(self.info)
+        live = await asyncio.gather(self.edge.info.remote(), self.cloud.info.remote())
+        for tier, now in zip(("edge", "cloud"), live):  # temperatures may have been reconfigured
+            info[tier] = {**info[tier], "temperature": now["temperature"]}
+        return ModelsResponse(default_mode=self.default_mode, threshold=self.threshold, **info)
 
 
 def _tier_options(options: dict | None, max_batch_size: int) -> dict:
@@ -791,7 +633,8 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
         temperature = float(temperatures.get(tier, 1.0))
         info[tier] = {**meta, "tier": tier, "model_version": version, "files": sha,
                       "backend": "onnxruntime" if onnx_path else "torch", "temperature": temperature}
-        handles[tier] = cls.options(**_tier_options(settings, batch)).bind(
+        # user_config: the temperature can be changed in the Serve config without restarting replicas.
+        handles[tier] = cls.options(**_tier_options(settings, batch), user_config={"temperature": temperature}).bind(
             model_path, onnx_path=onnx_path, model_version=version, temperature=temperature,
             max_image_pixels=max_image_pixels, min_image_side=min_image_side, max_batch_size=batch,
             batch_wait_timeout_s=wait, threads=threads, sha256=sha)
@@ -812,6 +655,8 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
     router.pop("resources", None)
     if router:
         raise ValueError(f"unknown router options {sorted(router)}")
+    # user_config: threshold and default mode can be changed in the Serve config without a restart.
+    router_options["user_config"] = {"threshold": float(threshold), "default_mode": default_mode}
     return Router.options(**router_options).bind(
         handles["edge"], handles["cloud"], info, default_mode=default_mode, threshold=threshold,
         max_body_bytes=max_body_bytes, max_batch_images=max_batch_images, auth_token=auth_token,

@@ -66,6 +66,8 @@ def build_serve_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
         "applications": [{
             "name": name, "route_prefix": route_prefix, "import_path": IMPORT_PATH,
             "args": copy.deepcopy(args), "deployments": deployments,
+            # One JSON object per log line (request id, route, latency in the access log): what log shippers parse.
+            "logging_config": {"encoding": "JSON", "log_level": "INFO", "enable_access_log": True},
         }],
     }
     ServeDeploySchema.model_validate(config)
@@ -118,6 +120,10 @@ def deploy_config(config: dict, *, base_dir: str | Path | None = None, host: str
         config.setdefault("http_options", {})["port"] = int(port)
     for app in config["applications"]:
         app["args"] = {**app.get("args", {}), **(overrides or {})}
+        for dep in app.get("deployments", []):  # the router's user_config would reset what args override
+            live = {k: v for k, v in (overrides or {}).items() if k in (dep.get("user_config") or {})}
+            if live:
+                dep["user_config"] = {**dep["user_config"], **live}
         if base_dir is not None:
             app["args"]["base_dir"] = str(Path(base_dir).resolve())
     schema = ServeDeploySchema.model_validate(config)

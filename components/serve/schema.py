@@ -27,6 +27,10 @@ class PredictResponse(BaseModel):
         description="per tier consulted: how many requests shared the forward pass this one was part of")
     latency_ms: dict[str, float] = Field(
         description="per tier consulted: time of the call as the router saw it; total: router time, in ms")
+    degraded: bool = Field(False, description="edge runtime (`resops edge`): the input should have gone to the "
+                                              "cloud, which was unreachable or too slow; the edge answered it and "
+                                              "queued the input to resend")
+    degraded_reason: str | None = Field(None, description="why the cloud did not answer (degraded answers only)")
 
 
 class BatchPredictResponse(BaseModel):
@@ -80,6 +84,37 @@ class HealthResponse(BaseModel):
     status: Literal["ok"] = "ok"
     default_mode: str
     model_versions: dict[str, str]
+
+
+class CloudLink(BaseModel):
+    """The edge runtime's view of the cloud app it escalates to."""
+
+    url: str | None = Field(description="the cloud app's base URL (null: standalone, nothing escalates)")
+    available: bool | None = Field(description="false after a failed call until a resend succeeds; null before "
+                                               "the first call")
+    last_error: str | None = None
+    timeout_s: float
+
+
+class OutboxStats(BaseModel):
+    """Escalated inputs the cloud did not answer, kept on disk and resent oldest first."""
+
+    pending: int = Field(description="inputs waiting to be resent")
+    pending_bytes: int
+    max_items: int
+    max_bytes: int
+    queued: int = Field(description="inputs queued since the runtime started")
+    resent: int = Field(description="queued inputs the cloud has answered since the runtime started")
+    dropped: int = Field(description="oldest inputs dropped because the outbox was full")
+    refused: int = Field(description="queued inputs the cloud refused for good (413/415/422)")
+    recent: list[dict] | None = Field(None, description="the latest resent inputs: the edge's and the cloud's label")
+
+
+class EdgeHealthResponse(HealthResponse):
+    """The edge runtime answers whenever its own model is loaded, with or without the cloud."""
+
+    cloud: CloudLink
+    outbox: OutboxStats | None = Field(description="null when no cloud URL is configured")
 
 
 class TierInfo(BaseModel):
