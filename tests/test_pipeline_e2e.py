@@ -129,6 +129,13 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     assert app["args"]["model_version"] == entry["version"] and app["args"]["edge_onnx"].endswith("edge_int8.onnx")
     assert app["args"]["threshold"] == serve_metrics["threshold"]
     assert {d["name"] for d in app["deployments"]} == {"Router", "EdgeClassifier", "CloudClassifier"}
+    # ... and the edge bundle for `resops edge` on a device: the same int8 file, temperature and threshold.
+    from components.edge.bundle import load_bundle
+
+    bundle, onnx = load_bundle(proj / "models/serve/edge")
+    assert onnx.read_bytes() == (proj / "models/promoted/edge_int8.onnx").read_bytes()
+    assert bundle.model_version == entry["version"] and bundle.threshold == serve_metrics["threshold"]
+    assert bundle.temperature == serve_metrics["edge_temperature"] and len(bundle.class_names) == 2
     # `dvc metrics show` reads the declared metrics files.
     shown = _run(["dvc", "metrics", "show", "--json"], proj, env)
     assert "metrics/evaluate.json" in shown and "metrics/train.json" in shown and "metrics/serve.json" in shown

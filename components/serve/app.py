@@ -38,7 +38,9 @@ Errors are JSON ``{"error": "<what is wrong>"}`` and never take the server down:
     415  an unsupported content type, or bytes that are not a decodable image
     422  no ``file`` field, an image smaller than ``min_image_side``, a bad ``mode`` or ``threshold``
 """
-from __future__ import annotations
+# No `from __future__ import annotations` here: Serve ships the Router class to its replica by value
+# (cloudpickle), with only the globals its code uses, so string annotations such as "Request" could
+# not be resolved there and FastAPI would take `request` for a query parameter.
 
 import asyncio
 import os
