@@ -499,7 +499,10 @@ def _run_loop(monkeypatch, tmp, **cfg_overrides) -> tuple[list[dict], list[dict]
         records.append(dict(record))
         if checkpoint is not None:
             with checkpoint.as_directory() as d:
-                states.append(torch.load(f"{d}/{loop.STATE_FILE}", map_location="cpu", weights_only=True))
+                state = torch.load(f"{d}/{loop.STATE_FILE}", map_location="cpu", weights_only=True)
+                state["exported"] = torch.load(f"{d}/{loop.MODEL_FILE}", map_location="cpu",
+                                               weights_only=True)["state_dict"]
+                states.append(state)
 
     monkeypatch.setattr(ray.train, "get_context", lambda: Context())
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
@@ -529,6 +532,10 @@ def test_loop_schedule_over_epochs_with_ema(monkeypatch, tmp_path):
     assert records[1]["lr"] == pytest.approx(0.01 * lr_factor(19 / 20))
     assert states[-1]["finished"] and states[-1]["ema_n_averaged"] == 20
     assert {r["precision"] for r in records} == {"fp32"}
+    # the checkpoint's model file holds the EMA weights; the raw weights are kept in the training state
+    exported, raw = states[-1]["exported"], states[-1]["raw_state_dict"]
+    assert exported.keys() == raw.keys()
+    assert any(not torch.equal(exported[k], raw[k]) for k in raw if raw[k].is_floating_point())
 
 
 def test_budget_run_spends_its_budget(monkeypatch, tmp_path):
