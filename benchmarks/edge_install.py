@@ -75,7 +75,11 @@ def main() -> int:
     result = {"edge_site_packages_mb": round(edge_mb, 1),
               "full_site_packages_mb": round(full_mb, 1) if full_mb else None,
               "ratio": round(edge_mb / full_mb, 3) if full_mb else None, "install_seconds": round(install_s, 1),
-              "importable": present, "resops_edge_help_exit": help_rc, "bundle_answer": answer,
+              "importable": present, "resops_edge_help_exit": help_rc,
+              "bundle": ({"path": str(args.bundle), "model_version": json.loads(Path(args.bundle, "edge.json")
+                                                                               .read_text())["model_version"]}
+                         if Path(args.bundle, "edge.json").exists() else None),
+              "bundle_answer": answer,
               "python": sys.version.split()[0]}
     say(f"edge runtime venv: {edge_mb:.0f} MB of packages (full platform: {full_mb or float('nan'):.0f} MB); "
         f"torch/ray/cv2 importable there: {present['torch']}/{present['ray']}/{present['cv2']}; answer {answer}")
