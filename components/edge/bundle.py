@@ -49,11 +49,8 @@ class BundleError(ValueError):
 
 
 def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def write_bundle(directory: str | Path, onnx_path: str | Path, **fields) -> Path:
