@@ -20,6 +20,7 @@ from components.edge.model import EdgeModel, preprocess_array, softmax
 from components.edge.outbox import Outbox
 from components.models import create_model
 from components.prune import OnnxClassifier, export_onnx, quantize_onnx
+from conftest import png_header_only
 from netutil import assert_docs_are_local, uvicorn_server
 
 CLASSES = ["ok", "crack", "finger"]
@@ -159,22 +160,11 @@ def test_standalone_answers_what_the_model_computes(standalone, bundle_dir):
     assert h["status"] == "ok" and h["cloud"]["url"] is None and h["outbox"] is None
 
 
-def _bomb() -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", 5000, 5000, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
-
-
 @pytest.mark.parametrize("case, kwargs, status, message", [
     ("empty", {"content": b""}, 400, "empty request body"),
     ("content type", {"content": b"x", "headers": {"content-type": "text/csv"}}, 415, "unsupported content type"),
     ("not an image", {"content": b"not an image at all"}, 415, "not a readable image"),
-    ("bomb", {"content": _bomb()}, 413, "above the limit of 1000000"),
+    ("bomb", {"content": png_header_only(5000, 5000)}, 413, "above the limit of 1000000"),
     ("tiny", {"content": encode_png(np.zeros((4, 4), np.uint8))}, 422, "at least 8"),
     ("bad mode", {"content": b"x", "params": {"mode": "fog"}}, 422, "mode must be one of"),
     ("too big", {"content": b"\0" * 300_001}, 413, "above the limit of 300000 bytes"),

@@ -3,8 +3,6 @@ a generated Serve config exactly as `resops serve` and the RayService do, real H
 from __future__ import annotations
 
 import base64
-import struct
-import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -22,7 +20,7 @@ from components.prune import OnnxClassifier, export_onnx, quantize_onnx
 from components.serve.app import build_app
 from components.serve.config import (IMPORT_PATH, build_serve_config, deploy_config, load_serve_config,
                                      write_serve_config)
-from conftest import free_port, wait_healthy
+from conftest import free_port, png_header_only, wait_healthy
 
 CLASSES = ["ok", "crack", "finger"]
 VERSION = "v-test-7"
@@ -42,15 +40,6 @@ def _png(seed: int, shape=(48, 40)) -> bytes:
 def _tensors(images: list[bytes], image_size: int = 32) -> np.ndarray:
     op = AugmentOperator(policy=None, output="tensor", image_size=image_size, in_chans=1)
     return op({"image": np.array(images, dtype=object), "label": np.zeros(len(images), dtype=np.int64)})["image"]
-
-
-def _png_header_only(width: int, height: int) -> bytes:
-    """A PNG that declares width x height pixels but carries almost no data: a decompression bomb."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
 @pytest.fixture(scope="module")
@@ -271,7 +260,7 @@ BAD_REQUESTS = {
     "1x1 image": (dict(content=encode_png(np.zeros((1, 1), np.uint8))), 422, "1x1 pixels"),
     "too many pixels": (dict(content=encode_png(np.zeros((1000, 1001), np.uint8))), 413,
                         f"above the limit of {MAX_PIXELS}"),
-    "decompression bomb header": (dict(content=_png_header_only(100_000, 100_000)), 413, "too large"),
+    "decompression bomb header": (dict(content=png_header_only(100_000, 100_000)), 413, "too large"),
     "wrong content type": (dict(content=_png(3), headers={"content-type": "text/plain"}), 415,
                            "unsupported content type 'text/plain'"),
     "multipart without file": (dict(files={"image": ("x.png", _png(3), "image/png")}), 422, "'file'"),

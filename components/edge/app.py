@@ -73,7 +73,6 @@ class EdgeRuntime:
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="edge-model")
         self._client = None
         self._resender: asyncio.Task | None = None
-        self._wake = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -119,9 +118,7 @@ class EdgeRuntime:
 
     async def _resend_forever(self) -> None:
         while True:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self.resend_interval_s)
-            self._wake.clear()
+            await asyncio.sleep(self.resend_interval_s)
             await self.resend()
 
     async def resend(self) -> int:
