@@ -1,36 +1,44 @@
-"""Serving benchmark: the cloud-edge Serve app under load over real HTTP, against a plain FastAPI baseline.
+"""Serving benchmark: the cloud-edge Serve app and the ``resops edge`` device runtime under load over
+real HTTP, against two plain FastAPI baselines, side by side in one run.
 
-The app is the one ``resops serve`` deploys: the Serve config the ``calibrate`` stage writes
-(``--config``, default ``models/serve/serve_config.yaml``: the promoted models, calibration,
-threshold, tier settings), deployed with ``components.serve.config.deploy_config`` on a local Ray
-started here (2 CPUs, the ``edge`` and ``cloud`` custom resources, isolated from any other Ray on
-the machine as ``benchmarks/common.start_ray`` explains), HTTP proxy on 127.0.0.1.
+Systems (each measured with the same requests, one after the other, never two at once):
 
-Requests are the ELPV test images of the prepared data (``--data``, default ``data/prepared``:
-split ``test`` of its shards, 656 images), shuffled once (seed 0) and sent as-is (the encoded PNG
-as the raw body, ``image/png``) to ``POST /predict?mode=edge|cloud|cascade``. Per mode and
-concurrency C (``--concurrency``, default 1,8,32) a closed-loop load generator (asyncio + httpx,
-C workers pulling from one queue) sends ``--requests`` requests (default: every test image once;
-more cycle through them) after ``--warmup`` unmeasured ones per mode. A cell stops sending after
-``--max-seconds`` (requests left are counted as "not sent", not as errors; requests in flight
-finish). Reported per cell: errors (non-200 answers or exceptions, ``--timeout`` per request),
-accuracy against the true label and share answered by the edge tier (over successful answers),
-client-side latency mean / p50 / p95 / p99 and throughput (successful answers / wall time).
+* ``fastapi-full``: the full (cloud) model in a plain single-process FastAPI app under uvicorn (a
+  subprocess): decode and preprocess like the tiers (``AugmentOperator(policy=None,
+  output="tensor")``), the torch model unbatched, one request at a time in one worker thread,
+  ``torch.set_num_threads(2)``, the cloud temperature. What a user writes without resops.
+* ``fastapi-edge``: the same app running the int8 ONNX edge model in ONNX Runtime (1 thread).
+* ``ray-serve``: the app ``resops serve`` deploys, from the Serve config the ``calibrate`` stage
+  writes (``--config``), deployed with ``components.serve.config.deploy_config`` (Serve's REST API)
+  on a local Ray started here (2 CPUs, the ``edge``/``cloud`` resources), modes edge, cloud, cascade.
+* ``resops-edge``: the device runtime (``resops-edge`` subprocess, the calibrate stage's bundle
+  ``models/serve/edge``) with the Serve app as its cloud (``--cloud-url``), modes edge, cloud, cascade.
 
-Baseline (``--no-baseline`` skips it): the same full (cloud) model in a plain single-process
-FastAPI app under uvicorn (a subprocess, run before Ray starts so they never share the cores):
-``POST /predict`` decodes and preprocesses like the tiers (``AugmentOperator(policy=None,
-output="tensor")``) and runs the torch model unbatched, one request at a time in one worker thread
-with ``torch.set_num_threads(2)``, applying the cloud temperature of the config.
+Requests are the ELPV test images of the prepared data (``--data``: split ``test`` of its shards,
+656 images), shuffled once (seed 0), sent as-is (the PNG as the raw body) to ``POST /predict?mode=``.
+Per cell (system, mode, concurrency C in ``--concurrency``, default 1,8,32) a closed-loop load
+generator (asyncio + httpx, C workers pulling from one queue) sends ``--requests`` requests (default:
+every test image once) after ``--warmup`` unmeasured ones per mode, for at most ``--max-seconds``.
+Reported per cell: errors (non-200 or exceptions), 5xx, accuracy against the true label, share
+answered at the edge, degraded answers, client latency mean / p50 / p95 / p99, throughput, and the
+per-hop breakdown: the server's own ``latency_ms`` (edge, cloud, total inside the ingress) and what
+lies outside it (client - total: HTTP, proxy, queueing before the ingress).
 
-The verdict compares cascade with cloud-only at each concurrency: accuracy gap (points), share
-answered at the edge, mean latency ratio (goal: gap >= -1 point, edge share > 50 %, ratio < 1).
+Then, with the Serve app still up:
 
-    python benchmarks/serve.py [--config models/serve/serve_config.yaml] [--data data/prepared]
-        [--concurrency 1,8,32] [--modes edge,cloud,cascade] [--requests N] [--max-seconds 120]
-        [--warmup 16] [--timeout 60] [--no-baseline] [--out FILE]
+* soak: ``--soak-seconds`` (default 60) of cascade at 32 clients against ray-serve: 5xx count, p99;
+* outage: ``resops-edge`` in cascade mode at 8 clients while the cloud goes away: after a third of the
+  requests the Serve HTTP proxy process is killed (SIGKILL; Serve starts a new one). Every answer must
+  be a 200 (degraded while the cloud is away) or a 4xx; afterwards the outbox must drain: every queued
+  input resent (counted from ``GET /outbox``).
 
-Prints a Markdown table and writes benchmarks/results/serve.json.
+The acceptance of issue 16 is checked against the baselines of the same run and printed.
+
+    python benchmarks/serve.py [--config models/serve/serve_config.yaml] [--bundle models/serve/edge]
+        [--data data/prepared] [--concurrency 1,8,32] [--requests N] [--soak-seconds 60]
+        [--systems fastapi-full,fastapi-edge,ray-serve,resops-edge] [--out FILE]
+
+Prints Markdown tables and writes benchmarks/results/serve.json.
 """
 from __future__ import annotations
 
@@ -56,8 +64,8 @@ from fastapi import FastAPI, Request  # noqa: E402  module level: the baseline's
 from fastapi.responses import JSONResponse  # noqa: E402
 
 MODES = ("edge", "cloud", "cascade")
-BASELINE, RAY_SERVE = "fastapi-baseline", "ray-serve"
-GOAL = {"accuracy_gap_points": -1.0, "edge_share": 0.5, "mean_latency_ratio": 1.0}
+FULL, EDGE_BASE, RAY_SERVE, EDGE_RT = "fastapi-full", "fastapi-edge", "ray-serve", "resops-edge"
+SYSTEMS = (FULL, EDGE_BASE, RAY_SERVE, EDGE_RT)
 
 
 # ------------------------------------------------------------------------------ data
@@ -73,28 +81,33 @@ def elpv_test_images(prepared: Path, seed: int = 0) -> list[tuple[bytes, str]]:
 
 
 # -------------------------------------------------------------------------- load generator
-async def _load(url: str, items: list[tuple[bytes, str]], n: int, concurrency: int, max_seconds: float,
-                timeout: float) -> tuple[list[dict], int, float]:
-    """``n`` requests (cycling through ``items``) by ``concurrency`` closed-loop workers.
+async def _load(url: str, items: list[tuple[bytes, str]], n: int | None, concurrency: int, max_seconds: float,
+                timeout: float, events: list | None = None) -> tuple[list[dict], int, float]:
+    """``n`` requests (cycling through ``items``; None: until ``max_seconds``) by ``concurrency``
+    closed-loop workers. ``events``: ``(after_n_sent, callable)`` run once (in a thread) when that many
+    requests have been sent, e.g. killing a process mid-run.
 
     Returns (one record per request sent, number not sent because ``max_seconds`` ran out, wall seconds).
     """
-    queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(n):
-        queue.put_nowait(i)
+    counter = {"next": 0}
     records: list[dict] = []
+    pending = sorted(events or [], key=lambda e: e[0])
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     start = time.perf_counter()
     deadline = start + max_seconds
+    fired: list[asyncio.Task] = []
 
     async def worker(client: httpx.AsyncClient) -> None:
         while time.perf_counter() < deadline:
-            try:
-                i = queue.get_nowait()
-            except asyncio.QueueEmpty:
+            i = counter["next"]
+            if n is not None and i >= n:
                 return
+            counter["next"] += 1
+            while pending and i >= pending[0][0]:
+                fired.append(asyncio.create_task(asyncio.to_thread(pending.pop(0)[1])))
             data, truth = items[i % len(items)]
-            rec = {"truth": truth, "status": None, "tier": None, "label": None, "error": None}
+            rec = {"truth": truth, "status": None, "tier": None, "label": None, "error": None, "degraded": False,
+                   "server_ms": None}
             t0 = time.perf_counter()
             try:
                 resp = await client.post(url, content=data, headers={"content-type": "image/png"})
@@ -102,6 +115,8 @@ async def _load(url: str, items: list[tuple[bytes, str]], n: int, concurrency: i
                 body = resp.json()
                 if resp.status_code == 200:
                     rec["tier"], rec["label"] = body.get("tier"), body.get("label")
+                    rec["degraded"] = bool(body.get("degraded"))
+                    rec["server_ms"] = body.get("latency_ms")
                 else:
                     rec["error"] = f"HTTP {resp.status_code}: {str(body.get('error', body))[:200]}"
             except Exception as exc:  # timeouts, refused connections, bad JSON: an error, never a crash
@@ -111,25 +126,45 @@ async def _load(url: str, items: list[tuple[bytes, str]], n: int, concurrency: i
 
     async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
         await asyncio.gather(*(worker(client) for _ in range(concurrency)))
-    return records, queue.qsize(), time.perf_counter() - start
+    await asyncio.gather(*fired)
+    not_sent = max(0, (n or 0) - counter["next"])
+    return records, not_sent, time.perf_counter() - start
 
 
-def run_cell(url: str, items, n: int, concurrency: int, max_seconds: float, timeout: float) -> dict:
+def _hops(ok: list[dict]) -> dict | None:
+    """Mean per-hop time of the answers: the server's own latency_ms keys, and client - server total."""
+    timed = [r for r in ok if isinstance(r["server_ms"], dict) and "total" in r["server_ms"]]
+    if not timed:
+        return None
+    keys = sorted({k for r in timed for k in r["server_ms"]})
+    out = {f"{k}_ms": float(np.mean([r["server_ms"][k] for r in timed if k in r["server_ms"]])) for k in keys}
+    out["outside_ms"] = float(np.mean([r["latency_ms"] - r["server_ms"]["total"] for r in timed]))
+    return out
+
+
+def run_cell(url: str, items, n: int | None, concurrency: int, max_seconds: float, timeout: float,
+             events: list | None = None) -> dict:
     """One (system, mode, concurrency) cell: the load, then its summary."""
     load_before = os.getloadavg()[0]
-    records, not_sent, wall = asyncio.run(_load(url, items, n, concurrency, max_seconds, timeout))
+    records, not_sent, wall = asyncio.run(_load(url, items, n, concurrency, max_seconds, timeout, events))
     ok = [r for r in records if r["status"] == 200 and r["error"] is None]
     errors = [r for r in records if r not in ok]
     lat = np.array([r["latency_ms"] for r in ok])
     stat = lambda f: float(f(lat)) if ok else None  # noqa: E731
+    statuses: dict[str, int] = {}
+    for r in records:
+        key = str(r["status"]) if r["status"] is not None else "no answer"
+        statuses[key] = statuses.get(key, 0) + 1
     return {
         "concurrency": concurrency, "requests_planned": n, "sent": len(records), "not_sent": not_sent,
         "ok": len(ok), "errors": len(errors), "error_samples": sorted({r["error"] for r in errors})[:5],
+        "status_counts": statuses, "http_5xx": sum(v for k, v in statuses.items() if k.startswith("5")),
+        "no_answer": statuses.get("no answer", 0), "degraded": sum(r["degraded"] for r in ok),
         "accuracy": float(np.mean([r["label"] == r["truth"] for r in ok])) if ok else None,
         "edge_share": float(np.mean([r["tier"] == "edge" for r in ok])) if ok else None,
         "latency_ms": {"mean": stat(np.mean), **{f"p{q}": stat(lambda a, q=q: np.percentile(a, q))
                                                  for q in (50, 95, 99)}, "max": stat(np.max)},
-        "throughput_rps": len(ok) / wall if wall > 0 else None, "wall_seconds": wall,
+        "hops_ms": _hops(ok), "throughput_rps": len(ok) / wall if wall > 0 else None, "wall_seconds": wall,
         "load_average_before": load_before,
     }
 
@@ -151,22 +186,23 @@ def wait_healthy(base: str, timeout_s: float = 120.0, proc: subprocess.Popen | N
 def measure(system: str, base: str, modes, items, args) -> list[dict]:
     rows = []
     for mode in modes:
-        url = f"{base}/predict" + ("" if system == BASELINE else f"?mode={mode}")
+        url = f"{base}/predict" + ("" if system in (FULL, EDGE_BASE) else f"?mode={mode}")
         if args.warmup:
             run_cell(url, items, args.warmup, min(4, args.warmup), args.max_seconds, args.timeout)
         for c in args.concurrency:
             row = {"system": system, "mode": mode, **run_cell(url, items, args.requests, c, args.max_seconds,
                                                                args.timeout)}
             say(f"{system} {mode} c={c}: {row['ok']}/{row['requests_planned']} ok, {row['errors']} errors, "
-                f"{row['not_sent']} not sent, accuracy {_f(row['accuracy'])}, mean {_f(row['latency_ms']['mean'], 1)} ms, "
-                f"{_f(row['throughput_rps'], 1)} req/s")
+                f"accuracy {_f(row['accuracy'])}, p50 {_f(row['latency_ms']['p50'], 1)} ms, mean "
+                f"{_f(row['latency_ms']['mean'], 1)} ms, {_f(row['throughput_rps'], 1)} req/s")
             rows.append(row)
     return rows
 
 
-# ------------------------------------------------------------------------------ baseline
-def baseline_server(model_path: str, temperature: float, port: int, threads: int) -> None:
-    """The plain baseline: one process, one worker thread running the full model unbatched."""
+# ------------------------------------------------------------------------------ baselines
+def baseline_server(kind: str, model_path: str, onnx_path: str | None, temperature: float, port: int,
+                    threads: int) -> None:
+    """A plain baseline: one process, one worker thread, the model unbatched (torch, or ORT for the edge)."""
     from concurrent.futures import ThreadPoolExecutor
 
     import torch
@@ -180,6 +216,20 @@ def baseline_server(model_path: str, temperature: float, port: int, threads: int
     torch.set_num_threads(threads)
     model, meta = load_model(model_path)
     model = model.eval().to(memory_format=torch.channels_last)
+    if kind == "edge":
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(onnx_path, sess_options=opts, providers=["CPUExecutionProvider"])
+        inp, out = session.get_inputs()[0].name, session.get_outputs()[0].name
+
+        def logits_of(x: np.ndarray) -> np.ndarray:
+            return session.run([out], {inp: x})[0]
+    else:
+        def logits_of(x: np.ndarray) -> np.ndarray:
+            with torch.inference_mode():
+                return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).float().numpy()
     names = [str(n) for n in meta["class_names"]]
     op = AugmentOperator(policy=None, output="tensor", image_size=int(meta["image_size"]),
                          in_chans=int(meta["in_chans"]))
@@ -187,13 +237,11 @@ def baseline_server(model_path: str, temperature: float, port: int, threads: int
 
     def infer(data: bytes) -> dict:
         x = op({"image": np.array([data], dtype=object), "label": np.array([0])})["image"]
-        with torch.inference_mode():
-            logits = model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).float().numpy()
-        probs = softmax(logits, temperature)[0]
+        probs = softmax(logits_of(x), temperature)[0]
         i = int(np.argmax(probs))
         return {"label": names[i], "label_index": i, "confidence": float(probs[i]), "tier": "baseline"}
 
-    app = FastAPI(title="resops plain baseline")
+    app = FastAPI(title=f"resops plain baseline ({kind})")
 
     @app.post("/predict")
     async def predict(request: Request):
@@ -212,26 +260,88 @@ def baseline_server(model_path: str, temperature: float, port: int, threads: int
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def run_baseline(model_path: Path, temperature: float, items, args) -> list[dict]:
+def run_baseline(system: str, model_path: Path, onnx_path: Path | None, temperature: float, items, args) -> list[dict]:
     port = _free_port()
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", str(model_path),
-           "--baseline-temperature", str(temperature), "--baseline-port", str(port)]
+    kind = "edge" if system == EDGE_BASE else "full"
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--baseline-server", kind, "--baseline-model",
+           str(model_path), "--baseline-temperature", str(temperature), "--baseline-port", str(port),
+           "--baseline-threads", "1" if kind == "edge" else "2"]
+    if onnx_path is not None:
+        cmd += ["--baseline-onnx", str(onnx_path)]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", 300.0, proc)  # a busy machine imports torch slowly
-        say(f"baseline FastAPI app (pid {proc.pid}) on 127.0.0.1:{port}: {model_path.name}, T={temperature:g}")
-        return measure(BASELINE, f"http://127.0.0.1:{port}", ["full"], items, args)
+        say(f"{system} (pid {proc.pid}) on 127.0.0.1:{port}: {(onnx_path or model_path).name}, T={temperature:g}")
+        return measure(system, f"http://127.0.0.1:{port}", [kind], items, args)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
 
 
-# ------------------------------------------------------------------------------ Ray Serve
-def run_serve(config: dict, items, args) -> tuple[list[dict], dict]:
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+# ------------------------------------------------------------------------------ Ray Serve + resops edge
+def kill_serve_proxy() -> dict:
+    """SIGKILL the Serve HTTP proxy process (the cloud's front door); Serve's controller starts a new one."""
+    import signal
+
+    from ray.util.state import list_actors
+
+    proxies = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000) if a.class_name == "ProxyActor"]
+    for a in proxies:
+        os.kill(int(a.pid), signal.SIGKILL)
+    say(f"outage: killed the Serve proxy process(es) {[int(a.pid) for a in proxies]}")
+    return {"killed_pids": [int(a.pid) for a in proxies], "at_perf_counter": time.perf_counter()}
+
+
+def outbox_state(base: str) -> dict:
+    return httpx.get(f"{base}/outbox", params={"recent": 0}, timeout=10.0, trust_env=False).json()
+
+
+def run_outage(edge_base: str, items, args) -> dict:
+    """resops-edge in cascade at 8 clients; the cloud's proxy is killed after a third of the requests."""
+    n = args.outage_requests
+    before = outbox_state(edge_base)
+    killed: dict = {}
+    row = run_cell(f"{edge_base}/predict?mode=cascade", items, n, 8, args.max_seconds, args.timeout,
+                   events=[(n // 3, lambda: killed.update(kill_serve_proxy()))])
+    t0 = time.perf_counter()
+    deadline = t0 + args.drain_seconds
+    while outbox_state(edge_base)["pending"] > 0 and time.perf_counter() < deadline:
+        time.sleep(0.5)
+    after = outbox_state(edge_base)
+    bad = {k: v for k, v in row["status_counts"].items() if not (k == "200" or k.startswith("4"))}
+    out = {**row, "killed": killed, "outbox_before": before, "outbox_after": after,
+           "queued_during_run": after["queued"] - before["queued"],
+           "resent_after": after["resent"] - before["resent"], "dropped": after["dropped"] - before["dropped"],
+           "drain_seconds": time.perf_counter() - t0, "answers_not_200_or_4xx": sum(bad.values())}
+    out["all_answered"] = out["answers_not_200_or_4xx"] == 0
+    out["all_resent"] = after["pending"] == 0 and out["dropped"] == 0 and out["resent_after"] == out["queued_during_run"]
+    say(f"outage: {row['status_counts']} statuses, {row['degraded']} degraded, {out['queued_during_run']} queued, "
+        f"{out['resent_after']} resent in {out['drain_seconds']:.1f} s, {out['dropped']} dropped")
+    return out
+
+
+def start_edge_runtime(bundle: Path, cloud_url: str, outbox: Path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    exe = Path(sys.executable).with_name("resops-edge")
+    cmd = [str(exe) if exe.exists() else "resops-edge", "--bundle", str(bundle), "--cloud-url", cloud_url,
+           "--port", str(port), "--outbox", str(outbox), "--resend-interval", "1", "--timeout", "2"]
+    proc = subprocess.Popen(cmd, cwd=ROOT)
+    base = f"http://127.0.0.1:{port}"
+    wait_healthy(base, 120.0, proc)
+    return proc, base
+
+
+def run_serve(config: dict, items, args) -> tuple[list[dict], dict, dict | None, dict | None]:
     setup_environment()
+    import tempfile
+
     import ray
     from ray import serve
 
@@ -239,16 +349,36 @@ def run_serve(config: dict, items, args) -> tuple[list[dict], dict]:
 
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
-    # log_to_driver=False: replicas still log (access log included) to their files, not one line per request here
-    ray.init(**RAY_INIT, resources={"edge": 1, "cloud": 1}, dashboard_port=_free_port(),
-             logging_level=logging.WARNING, log_to_driver=False)
+    # The dashboard carries Serve's REST API (deploy_config). log_to_driver=False: replicas still log
+    # (access log included) to their files, not one line per request here.
+    context = ray.init(**{**RAY_INIT, "include_dashboard": True}, resources={"edge": 1, "cloud": 1},
+                       dashboard_port=_free_port(), logging_level=logging.WARNING, log_to_driver=False)
+    rows, soak, outage = [], None, None
     try:
         t0 = time.perf_counter()
-        deploy_config(config, base_dir=ROOT, host="127.0.0.1", port=port)
+        deploy_config(config, base_dir=ROOT, host="127.0.0.1", port=port, dashboard=context.dashboard_url)
         wait_healthy(base, 120.0)
         say(f"Serve app healthy on {base} after {time.perf_counter() - t0:.0f} s")
         models = httpx.get(f"{base}/models", timeout=10.0, trust_env=False).json()
-        return measure(RAY_SERVE, base, args.modes, items, args), models
+        if RAY_SERVE in args.systems:
+            rows += measure(RAY_SERVE, base, MODES, items, args)
+        if EDGE_RT in args.systems:
+            with tempfile.TemporaryDirectory(prefix="resops-edge-outbox-") as outbox:
+                proc, edge_base = start_edge_runtime(ROOT / args.bundle, base, Path(outbox))
+                try:
+                    say(f"resops-edge (pid {proc.pid}) on {edge_base}, cloud {base}")
+                    rows += measure(EDGE_RT, edge_base, MODES, items, args)
+                    if args.soak_seconds:
+                        soak = {"system": RAY_SERVE, "mode": "cascade",
+                                **run_cell(f"{base}/predict?mode=cascade", items, None, 32, args.soak_seconds,
+                                           args.timeout)}
+                        say(f"soak {args.soak_seconds:g} s at 32 clients: {soak['ok']} ok, {soak['http_5xx']} 5xx, "
+                            f"p99 {_f(soak['latency_ms']['p99'], 1)} ms")
+                    if args.outage_requests:
+                        outage = run_outage(edge_base, items, args)
+                finally:
+                    _stop(proc)
+        return rows, models, soak, outage
     finally:
         try:
             serve.shutdown()
@@ -261,45 +391,75 @@ def _f(x, digits: int = 3) -> str:
     return "—" if x is None else f"{x:.{digits}f}"
 
 
-def verdict(rows: list[dict]) -> list[dict]:
-    """Cascade against cloud-only at each concurrency where both ran."""
-    out = []
+def acceptance(rows: list[dict], soak: dict | None, outage: dict | None) -> list[dict]:
+    """Issue 16's figures, each against the baseline of this run (None where a cell did not run)."""
     cell = {(r["system"], r["mode"], r["concurrency"]): r for r in rows}
-    for c in sorted({r["concurrency"] for r in rows}):
-        cas, cloud = cell.get((RAY_SERVE, "cascade", c)), cell.get((RAY_SERVE, "cloud", c))
-        if not (cas and cloud and cas["ok"] and cloud["ok"]):
-            continue
-        v = {"concurrency": c, "accuracy_gap_points": 100 * (cas["accuracy"] - cloud["accuracy"]),
-             "edge_share": cas["edge_share"],
-             "mean_latency_ratio": cas["latency_ms"]["mean"] / cloud["latency_ms"]["mean"],
-             "cascade_mean_ms": cas["latency_ms"]["mean"], "cloud_mean_ms": cloud["latency_ms"]["mean"]}
-        v["meets_goal"] = bool(v["accuracy_gap_points"] >= GOAL["accuracy_gap_points"] and
-                               v["edge_share"] > GOAL["edge_share"] and
-                               v["mean_latency_ratio"] < GOAL["mean_latency_ratio"])
-        out.append(v)
-    return out
+
+    def get(system, mode, c, *path):
+        r = cell.get((system, mode, c))
+        for key in path:
+            r = None if r is None else r.get(key)
+        return r
+
+    checks = []
+
+    def check(name, value, limit, ok):
+        checks.append({"check": name, "value": value, "limit": limit,
+                       "passed": None if value is None or limit is None else bool(ok(value, limit))})
+
+    full_p50, edge_p50 = get(FULL, "full", 1, "latency_ms", "p50"), get(EDGE_BASE, "edge", 1, "latency_ms", "p50")
+    full_mean, full_rps8 = get(FULL, "full", 1, "latency_ms", "mean"), get(FULL, "full", 8, "throughput_rps")
+    for system in (RAY_SERVE, EDGE_RT):
+        check(f"{system} edge p50 at c=1 <= fastapi-edge p50 + 3 ms", get(system, "edge", 1, "latency_ms", "p50"),
+              None if edge_p50 is None else edge_p50 + 3.0, lambda v, lim: v <= lim)
+        check(f"{system} cloud p50 at c=1 <= fastapi-full p50 + 5 ms", get(system, "cloud", 1, "latency_ms", "p50"),
+              None if full_p50 is None else full_p50 + 5.0, lambda v, lim: v <= lim)
+        check(f"{system} cascade mean at c=1 <= 0.7 x fastapi-full mean", get(system, "cascade", 1, "latency_ms",
+                                                                              "mean"),
+              None if full_mean is None else 0.7 * full_mean, lambda v, lim: v <= lim)
+        check(f"{system} cascade req/s at c=8 >= 1.5 x fastapi-full", get(system, "cascade", 8, "throughput_rps"),
+              None if full_rps8 is None else 1.5 * full_rps8, lambda v, lim: v >= lim)
+        cas, cloud = get(system, "cascade", 1, "accuracy"), get(system, "cloud", 1, "accuracy")
+        check(f"{system} cascade accuracy at c=1 >= cloud-only - 1 point", cas,
+              None if cloud is None else cloud - 0.01, lambda v, lim: v >= lim)
+    if soak is not None:
+        check(f"soak {soak['wall_seconds']:.0f} s at 32 clients: 5xx", soak["http_5xx"], 0, lambda v, lim: v <= lim)
+        check("soak: requests without an answer", soak["no_answer"], 0, lambda v, lim: v <= lim)
+    if outage is not None:
+        check("outage: answers that are neither 200 nor 4xx", outage["answers_not_200_or_4xx"], 0,
+              lambda v, lim: v <= lim)
+        check("outage: queued inputs not resent", outage["queued_during_run"] - outage["resent_after"]
+              + outage["outbox_after"]["pending"], 0, lambda v, lim: v <= lim)
+    return checks
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="models/serve/serve_config.yaml")
+    ap.add_argument("--bundle", default="models/serve/edge", help="the edge bundle resops-edge runs")
     ap.add_argument("--data", default="data/prepared", help="prepared data directory (its shards' test split)")
+    ap.add_argument("--systems", type=lambda s: [m for m in s.split(",") if m], default=list(SYSTEMS))
     ap.add_argument("--concurrency", type=lambda s: parse_ints(s, "--concurrency"), default=[1, 8, 32])
-    ap.add_argument("--modes", type=lambda s: [m for m in s.split(",") if m], default=list(MODES))
     ap.add_argument("--requests", type=int, default=None, help="per cell (default: every test image once)")
     ap.add_argument("--max-seconds", type=float, default=120.0, help="stop sending in a cell after this long")
     ap.add_argument("--warmup", type=int, default=16, help="unmeasured requests per mode before measuring")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout, seconds")
-    ap.add_argument("--no-baseline", action="store_true")
+    ap.add_argument("--soak-seconds", type=float, default=60.0, help="0: no soak")
+    ap.add_argument("--outage-requests", type=int, default=600, help="0: no outage run")
+    ap.add_argument("--drain-seconds", type=float, default=120.0, help="how long the outbox may take to drain")
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
-    ap.add_argument("--baseline-server", metavar="MODEL", help=argparse.SUPPRESS)  # internal: the subprocess
+    ap.add_argument("--baseline-server", choices=["full", "edge"], help=argparse.SUPPRESS)  # internal: subprocess
+    ap.add_argument("--baseline-model", help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-onnx", help=argparse.SUPPRESS)
     ap.add_argument("--baseline-temperature", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-port", type=int, default=0, help=argparse.SUPPRESS)
+    ap.add_argument("--baseline-threads", type=int, default=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.baseline_server:
-        return baseline_server(args.baseline_server, args.baseline_temperature, args.baseline_port, threads=2)
-    if bad := [m for m in args.modes if m not in MODES]:
-        ap.error(f"--modes: unknown {bad}; choose from {', '.join(MODES)}")
+        return baseline_server(args.baseline_server, args.baseline_model, args.baseline_onnx,
+                               args.baseline_temperature, args.baseline_port, threads=args.baseline_threads)
+    if bad := [m for m in args.systems if m not in SYSTEMS]:
+        ap.error(f"--systems: unknown {bad}; choose from {', '.join(SYSTEMS)}")
 
     from components.serve.config import load_serve_config
 
@@ -310,55 +470,63 @@ def main() -> None:
     app_args = config["applications"][0]["args"]
     items = elpv_test_images(ROOT / args.data)
     args.requests = args.requests or len(items)
-    say(f"{len(items)} test images from {args.data}; {args.requests} requests per cell, modes {args.modes}, "
+    say(f"{len(items)} test images from {args.data}; {args.requests} requests per cell, systems {args.systems}, "
         f"concurrency {args.concurrency}")
 
-    rows, models = [], None
-    if not args.no_baseline:  # before Ray: the two never share the cores
-        temperature = float((app_args.get("temperatures") or {}).get("cloud", 1.0))
-        rows += run_baseline(ROOT / app_args["cloud_model"], temperature, items, args)
-    serve_rows, models = run_serve(config, items, args)
-    rows += serve_rows
-    checks = verdict(rows)
+    rows = []
+    temps = app_args.get("temperatures") or {}
+    # Baselines before Ray: they never share the cores with it.
+    if FULL in args.systems:
+        rows += run_baseline(FULL, ROOT / app_args["cloud_model"], None, float(temps.get("cloud", 1.0)), items, args)
+    if EDGE_BASE in args.systems and app_args.get("edge_onnx"):
+        rows += run_baseline(EDGE_BASE, ROOT / app_args["edge_model"], ROOT / app_args["edge_onnx"],
+                             float(temps.get("edge", 1.0)), items, args)
+    models, soak, outage = None, None, None
+    if {RAY_SERVE, EDGE_RT} & set(args.systems):
+        serve_rows, models, soak, outage = run_serve(config, items, args)
+        rows += serve_rows
+    checks = acceptance(rows, soak, outage)
 
     env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     env["load_average_at_end"] = os.getloadavg()
     env["wall_seconds"] = time.perf_counter() - t_start
-    headers = ["system", "mode", "concurrency", "n", "errors", "accuracy", "edge share", "mean ms", "p50 ms",
-               "p95 ms", "p99 ms", "req/s"]
+    headers = ["system", "mode", "c", "n", "errors", "accuracy", "edge share", "mean ms", "p50 ms", "p95 ms",
+               "p99 ms", "req/s", "in ingress ms", "outside ms"]
     table = [[r["system"], r["mode"], r["concurrency"],
               f"{r['ok']}" + (f" ({r['not_sent']} not sent)" if r["not_sent"] else ""), r["errors"],
               _f(r["accuracy"]), _f(r["edge_share"], 2), *(_f(r["latency_ms"][k], 1) for k in ("mean", "p50", "p95",
                                                                                                   "p99")),
-              _f(r["throughput_rps"], 1)] for r in rows]
+              _f(r["throughput_rps"], 1), _f((r["hops_ms"] or {}).get("total_ms"), 1),
+              _f((r["hops_ms"] or {}).get("outside_ms"), 1)] for r in rows]
     tiers = {t: models[t] for t in ("edge", "cloud")} if models else {}
     print(f"\nELPV test split, {len(items)} images sent as PNG bodies over HTTP to 127.0.0.1; model version "
           f"{app_args.get('model_version')}; edge {tiers.get('edge', {}).get('backend')} "
-          f"({tiers.get('edge', {}).get('model_name')}), cloud {tiers.get('cloud', {}).get('backend')}; cascade "
+          f"({tiers.get('edge', {}).get('placement')}), cloud {tiers.get('cloud', {}).get('backend')}; cascade "
           f"threshold {app_args.get('threshold'):.3f}. Closed loop, {args.requests} requests per cell after "
-          f"{args.warmup} warm-up requests per mode; latency client-side over successful answers; n = successful "
-          f"answers. {env['cpus']} CPUs, load average {env['load_average_at_start'][0]:.2f} at start, "
+          f"{args.warmup} warm-up requests per mode; latency client-side over successful answers. {env['cpus']} "
+          f"CPUs, load average {env['load_average_at_start'][0]:.2f} at start, "
           f"{env['load_average_at_end'][0]:.2f} at end, {env['wall_seconds']:.0f} s.\n")
     print(markdown_table(headers, table))
-    print(f"\nCascade vs cloud-only (goal: accuracy within {-GOAL['accuracy_gap_points']:g} point, most requests at the "
-          f"edge, lower mean latency):")
-    for v in checks:
-        print(f"- c={v['concurrency']}: accuracy {v['accuracy_gap_points']:+.1f} points, edge share "
-              f"{100 * v['edge_share']:.0f} %, mean latency {v['cascade_mean_ms']:.1f} vs {v['cloud_mean_ms']:.1f} ms "
-              f"(ratio {v['mean_latency_ratio']:.2f}) -> {'meets' if v['meets_goal'] else 'does not meet'} the goal")
-    if not checks:
-        print("- not measured (needs both the cascade and the cloud mode)")
+    print("\nAcceptance (issue 16), against this run's baselines:")
+    for c in checks:
+        verdict = {True: "passes", False: "FAILS", None: "not measured"}[c["passed"]]
+        value = c["value"] if not isinstance(c["value"], float) else round(c["value"], 3)
+        limit = c["limit"] if not isinstance(c["limit"], float) else round(c["limit"], 3)
+        print(f"- {c['check']}: {value} (limit {limit}) -> {verdict}")
 
     write_json(args.out, {
         "benchmark": "serve", "config": str(config_path), "data": str(args.data), "test_images": len(items),
-        "settings": {"modes": args.modes, "concurrency": args.concurrency, "requests_per_cell": args.requests,
+        "settings": {"systems": args.systems, "concurrency": args.concurrency, "requests_per_cell": args.requests,
                      "max_seconds_per_cell": args.max_seconds, "warmup_per_mode": args.warmup,
-                     "timeout_s": args.timeout, "shuffle_seed": 0, "baseline": not args.no_baseline,
-                     "ray_init": {**RAY_INIT, "resources": {"edge": 1, "cloud": 1}, "log_to_driver": False},
-                     "baseline_server": "FastAPI + uvicorn, 1 process, 1 worker thread, unbatched torch, 2 threads"},
+                     "timeout_s": args.timeout, "shuffle_seed": 0, "soak_seconds": args.soak_seconds,
+                     "outage_requests": args.outage_requests,
+                     "ray_init": {**RAY_INIT, "include_dashboard": True, "resources": {"edge": 1, "cloud": 1},
+                                  "log_to_driver": False},
+                     "baselines": "FastAPI + uvicorn, 1 process, 1 worker thread, unbatched; full: torch 2 threads; "
+                                  "edge: ONNX Runtime 1 thread"},
         "app": {k: app_args.get(k) for k in ("model_version", "threshold", "temperatures", "default_mode",
                                              "cloud_model", "edge_model", "edge_onnx", "edge", "cloud", "router")},
-        "tiers": tiers, "environment": env, "results": rows, "verdict": checks, "goal": GOAL,
+        "tiers": tiers, "environment": env, "results": rows, "soak": soak, "outage": outage, "acceptance": checks,
     })
 
 

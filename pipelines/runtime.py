@@ -21,19 +21,30 @@ def init_ray(params: Params):
     address = os.environ.get("RAY_ADDRESS") or params("ray.address")
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING)
+        context = ray.init(address=address, logging_level=logging.WARNING)
     else:
         # Ray starts its workers at a lower priority than its own daemons (niceness 15); on a small
         # machine the training worker then loses its cores to them often enough to train ~10 % slower.
         # Measured: 0.87x -> 0.96x of a plain loop on 2 cores (benchmarks/train_throughput.py).
         os.environ.setdefault("RAY_worker_niceness", str(int(params("ray.worker_niceness"))))
-        ray.init(num_cpus=params("ray.num_cpus"), resources=dict(params("ray.resources") or {}),
-                 include_dashboard=bool(params("ray.include_dashboard")), dashboard_port=_dashboard_port(),
-                 logging_level=logging.WARNING)
+        context = ray.init(num_cpus=params("ray.num_cpus"), resources=dict(params("ray.resources") or {}),
+                           include_dashboard=bool(params("ray.include_dashboard")), dashboard_port=_dashboard_port(),
+                           logging_level=logging.WARNING)
+    remember_dashboard(context, mine=not address)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # one readable line per epoch instead of redrawn bars
     ctx.print_on_execution_start = False
     return ray
+
+
+def remember_dashboard(context, mine: bool = True) -> None:
+    """``$RAY_DASHBOARD_ADDRESS`` from ``ray.init``'s context: Serve's REST API (``serve deploy``,
+    ``components.serve.config.deploy_config``) is on the dashboard of the Ray this process uses. A Ray
+    this process started (``mine``) always replaces an inherited value; a joined cluster's dashboard
+    only fills it in, since the user may have named a reachable address for a remote head."""
+    url = getattr(context, "dashboard_url", None)
+    if url and (mine or not os.environ.get("RAY_DASHBOARD_ADDRESS")):
+        os.environ["RAY_DASHBOARD_ADDRESS"] = url if "://" in url else f"http://{url}"
 
 
 def _dashboard_port(default: int = 8265) -> int:

@@ -53,8 +53,10 @@ def ray_address():
     """
     import ray
 
-    ray.init(num_cpus=2, resources={"edge": 1, "cloud": 1}, include_dashboard=True, _node_ip_address="127.0.0.1",
-             logging_level=logging.WARNING)
+    from pipelines.runtime import remember_dashboard
+
+    remember_dashboard(ray.init(num_cpus=2, resources={"edge": 1, "cloud": 1}, include_dashboard=True,
+                                _node_ip_address="127.0.0.1", logging_level=logging.WARNING))
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False

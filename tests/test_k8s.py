@@ -36,7 +36,9 @@ CLUSTER_SPEC = {"RayCluster": ("spec",), "RayJob": ("spec", "rayClusterSpec"),
 # KubeRay's own limits (ray-operator/controllers/ray/utils/constant.go): names get suffixes.
 MAX_NAME = {"RayCluster": 53, "RayJob": 47, "RayService": 47}
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-SERVE_DEPLOYMENTS = {"Router", "EdgeClassifier", "CloudClassifier"}
+# The int8 ONNX edge model runs inside the ingress (serve.edge.placement auto): the Router carries the edge tier.
+SERVE_DEPLOYMENTS = {"Router", "CloudClassifier"}
+EDGE_DEPLOYMENT = "Router"
 
 
 # --------------------------------------------------------------------------- rendering
@@ -456,7 +458,7 @@ def test_rayservice_serves_the_pipeline_serve_config(overlay):
                 assert path.name in app["args"]["files_sha256"], f"{path.name} is not pinned by files_sha256"
         deployments = {d["name"]: d for d in app["deployments"]}
         assert set(deployments) == SERVE_DEPLOYMENTS
-        assert "edge" in deployments["EdgeClassifier"]["ray_actor_options"]["resources"]
+        assert "edge" in deployments[EDGE_DEPLOYMENT]["ray_actor_options"]["resources"]
         assert "cloud" in deployments["CloudClassifier"]["ray_actor_options"]["resources"]
 
 
@@ -480,7 +482,7 @@ def test_the_cluster_provides_what_the_serve_deployments_ask_for(overlay, kind):
         edge = dict(groups(obj))["edge"]["template"]["spec"]
         assert "node-role.kubernetes.io/edge" in edge["nodeSelector"]
         assert any(t["key"] == "node-role.kubernetes.io/edge" for t in edge["tolerations"])
-        assert set(where["EdgeClassifier"]) == {"edge"} and "edge" not in where["CloudClassifier"]
+        assert set(where[EDGE_DEPLOYMENT]) == {"edge"} and "edge" not in where["CloudClassifier"]
     else:
         assert edge_groups == {"cpu"}, "without edge nodes the CPU workers carry the edge tier"
 

@@ -128,7 +128,8 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     app = load_serve_config(proj / "models/serve/serve_config.yaml")["applications"][0]
     assert app["args"]["model_version"] == entry["version"] and app["args"]["edge_onnx"].endswith("edge_int8.onnx")
     assert app["args"]["threshold"] == serve_metrics["threshold"]
-    assert {d["name"] for d in app["deployments"]} == {"Router", "EdgeClassifier", "CloudClassifier"}
+    # The int8 edge model runs in the ingress (serve.edge.placement auto): two deployments.
+    assert {d["name"] for d in app["deployments"]} == {"Router", "CloudClassifier"}
     # ... and the edge bundle for `resops edge` on a device: the same int8 file, temperature and threshold.
     from components.edge.bundle import load_bundle
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -115,17 +116,36 @@ def test_generated_config_is_what_serve_deploys(files):
     module, attr = IMPORT_PATH.split(":")
     assert callable(getattr(__import__(module, fromlist=[attr]), attr))
     deps = {d["name"]: d for d in app["deployments"]}
+    # The int8 ONNX edge model runs in the ingress (placement auto): the Router takes the edge's replicas,
+    # CPUs (on top of its own) and resources.
+    assert set(deps) == {"Router", "CloudClassifier"}
+    assert deps["Router"]["ray_actor_options"] == {"num_cpus": pytest.approx(0.15), "resources": {"edge": 0.01}}
+    assert deps["Router"]["num_replicas"] == 2
+    assert deps["Router"]["user_config"] == {"threshold": 0.4, "default_mode": "cascade",
+                                             "edge_temperature": TEMPS["edge"]}
+    assert deps["CloudClassifier"]["ray_actor_options"]["resources"] == {"cloud": 0.01}
+    assert deps["CloudClassifier"]["max_ongoing_requests"] >= 8  # >= max_batch_size: batches can fill
+    own = build_serve_config(_args(files, edge={**_args(files)["edge"], "placement": "replica"}))
+    deps = {d["name"]: d for d in own["applications"][0]["deployments"]}
     assert set(deps) == {"Router", "EdgeClassifier", "CloudClassifier"}
     assert deps["EdgeClassifier"]["ray_actor_options"]["resources"] == {"edge": 0.01}
-    assert deps["CloudClassifier"]["ray_actor_options"]["resources"] == {"cloud": 0.01}
-    assert deps["EdgeClassifier"]["num_replicas"] == 2
-    assert deps["CloudClassifier"]["max_ongoing_requests"] >= 8  # >= max_batch_size: batches can fill
+    assert deps["EdgeClassifier"]["num_replicas"] == 2 and "resources" not in deps["Router"]["ray_actor_options"]
+    with pytest.raises(ValueError, match="placement: ingress needs the int8 ONNX edge model"):
+        build_app("full.pt", "edge.pt", base_dir=str(files), edge={"placement": "ingress"})
     auto = build_serve_config(_args(files, cloud={**_args(files)["cloud"], "autoscaling_config": {
         "min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 4}}))
     cloud = {d["name"]: d for d in auto["applications"][0]["deployments"]}["CloudClassifier"]
     assert cloud["autoscaling_config"]["max_replicas"] == 3 and "num_replicas" not in cloud
     with pytest.raises(ValueError, match="max_ongoing_requests"):
         build_serve_config(_args(files, cloud={**_args(files)["cloud"], "max_ongoing_requests": 2}))
+
+
+def test_no_private_serve_api_in_the_code():
+    """Deploying uses Serve's public interfaces only: private modules change without notice between Ray releases."""
+    root = Path(__file__).resolve().parents[1]
+    users = [str(f.relative_to(root)) for d in ("components", "pipelines") for f in (root / d).rglob("*.py")
+             if "ray.serve._private" in f.read_text()]
+    assert users == []
 
 
 def test_missing_model_file_fails_when_building(files):
@@ -154,6 +174,7 @@ def test_healthz_models_and_docs(server):
     m = server.get("/models").json()
     assert m["default_mode"] == "cascade" and m["threshold"] == 0.4
     assert m["edge"]["backend"] == "onnxruntime" and set(m["edge"]["files"]) == {"edge.pt", "edge_int8.onnx"}
+    assert m["edge"]["placement"] == "ingress" and m["cloud"]["placement"] == "replica"
     assert m["cloud"]["backend"] == "torch" and set(m["cloud"]["files"]) == {"full.pt"}
     assert m["edge"]["temperature"] == TEMPS["edge"] and m["cloud"]["class_names"] == CLASSES
     spec = server.get("/openapi.json").json()
@@ -292,15 +313,34 @@ def test_malformed_input_gets_json_error_and_server_stays_up(server, case):
     assert server.post("/predict", content=_png(11)).status_code == 200
 
 
+def test_healthz_reports_a_dead_tier(server):
+    """Killing the cloud replica makes /healthz answer 503 naming the tier (asked on every call, never
+    cached) until Serve has replaced the replica; then it is 200 again."""
+    import ray
+    from ray.util.state import list_actors
+
+    cloud = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000)
+             if a.class_name == "ServeReplica:resops:CloudClassifier"]
+    assert len(cloud) == 1
+    assert server.get("/healthz").status_code == 200
+    ray.kill(ray.get_actor(cloud[0].name, namespace="serve"), no_restart=True)
+    down = _wait_for(lambda: (r := server.get("/healthz")).status_code == 503 and r, "/healthz never saw the dead tier")
+    assert "cloud tier did not answer" in down.json()["error"]
+    _wait_for(lambda: server.get("/healthz").status_code == 200, "Serve did not replace the cloud replica", timeout=120)
+    assert server.post("/predict", content=_png(12), params={"mode": "cloud"}).status_code == 200
+
+
 def test_unknown_route_is_json_404(server):
     r = server.get("/nope")
     assert r.status_code == 404 and "error" in r.json()
 
 
 def test_bearer_token_from_the_environment(server, files):
-    """A second app whose router's environment holds the token (as a Kubernetes Secret would)."""
+    """A second app whose router's environment holds the token (as a Kubernetes Secret would). Its edge model
+    has its own deployment (placement: replica), so that path answers over HTTP too."""
     config = build_serve_config({**_args(files), "auth_token_env": "RESOPS_API_TOKEN",
-                                 "edge": {**_args(files)["edge"], "num_replicas": 1}}, port=server.port)
+                                 "edge": {**_args(files)["edge"], "num_replicas": 1, "placement": "replica"}},
+                                port=server.port)
     app = config["applications"][0]
     app.update(name="secure", route_prefix="/secure", runtime_env={"env_vars": {"RESOPS_API_TOKEN": TOKEN}})
     # A deploy config is declarative: it lists every application that should run, the open one too.
@@ -315,6 +355,11 @@ def test_bearer_token_from_the_environment(server, files):
         assert server.get("/secure/models").status_code == 401
         ok = server.post("/secure/predict", content=img, headers={"authorization": f"Bearer {TOKEN}"})
         assert ok.status_code == 200 and ok.json()["label"] in CLASSES
+        auth = {"authorization": f"Bearer {TOKEN}"}
+        assert server.get("/secure/models", headers=auth).json()["edge"]["placement"] == "replica"
+        edge = server.post("/secure/predict", content=img, params={"mode": "edge"}, headers=auth).json()
+        assert edge["tier"] == "edge"
+        np.testing.assert_allclose(_probs(edge), _local_probs(files, [img])["edge"][0], atol=1e-4)
         assert server.get("/secure/healthz").status_code == 200  # probes need no token
         assert server.post("/predict", content=img).status_code == 200  # the open app stays open
     finally:
@@ -509,17 +554,18 @@ def test_user_config_reconfigures_threshold_mode_and_temperature_without_restart
                       if a.class_name.startswith("ServeReplica:resops:"))
 
     before = replicas()
-    assert len(before) == 4  # router, 2 edge, 1 cloud
+    assert len(before) == 3  # 2 routers (with the edge model), 1 cloud
     config = copy.deepcopy(server.config)
     deps = {d["name"]: d for d in config["applications"][0]["deployments"]}
-    assert deps["Router"]["user_config"] == {"threshold": 0.4, "default_mode": "cascade"}
-    deps["Router"]["user_config"] = {"threshold": 0.9, "default_mode": "cloud"}
+    assert deps["Router"]["user_config"] == {"threshold": 0.4, "default_mode": "cascade",
+                                             "edge_temperature": TEMPS["edge"]}
+    deps["Router"]["user_config"] = {"threshold": 0.9, "default_mode": "cloud", "edge_temperature": 2.0}
     deps["CloudClassifier"]["user_config"] = {"temperature": 3.0}
     try:
         deploy_config(config)
         models = _wait_for(lambda: (m := server.get("/models").json())["threshold"] == 0.9
                            and m["cloud"]["temperature"] == 3.0 and m, "the new user_config was not applied")
-        assert models["default_mode"] == "cloud"
+        assert models["default_mode"] == "cloud" and models["edge"]["temperature"] == 2.0
         answer = server.post("/predict", content=_png(31)).json()
         assert answer["mode"] == "cloud" and answer["tier"] == "cloud"
         x = _tensors([_png(31)])
@@ -527,6 +573,11 @@ def test_user_config_reconfigures_threshold_mode_and_temperature_without_restart
         with torch.inference_mode():
             want = softmax(model(torch.from_numpy(x)).numpy(), 3.0)[0]
         np.testing.assert_allclose(_probs(answer), want, atol=1e-4)  # the cloud tier uses the new temperature
+        # The ingress edge model uses the new temperature too, whichever router replica answers.
+        for _ in range(6):
+            edge = server.post("/predict", content=_png(31), params={"mode": "edge"}).json()
+            np.testing.assert_allclose(_probs(edge), softmax(OnnxClassifier(files / "edge_int8.onnx").logits(x), 2.0)[0],
+                                       atol=1e-4)
         assert replicas() == before  # reconfigured in place, not restarted
     finally:
         deploy_config(server.config)

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from components.augment.policies import build_policy, seed_policy
+from components.augment.resize import area_resize, normalise, shrink_to
 from components.data.images import decode_image, encode_png
 
 
@@ -48,16 +49,10 @@ class AugmentOperator:
         return out if out.ndim == 3 else out[:, :, None]
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
-        s = self.image_size
-        if img.shape[0] != s or img.shape[1] != s:
-            img = cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
-            if img.ndim == 2:
-                img = img[:, :, None]
-        return img
+        return area_resize(img, self.image_size)
 
     def _to_tensor(self, img: np.ndarray) -> np.ndarray:
-        img = self._resize(img)
-        return (img.astype(np.float32).transpose(2, 0, 1) - 127.5) / 63.75  # ~zero mean, unit-ish std
+        return normalise(self._resize(img))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         images = [decode_image(b, self.in_chans, self.max_pixels) for b in batch["image"]]
@@ -88,8 +83,4 @@ class AugmentOperator:
 
     def _resize_pre(self, img: np.ndarray) -> np.ndarray:
         # Augment at 2x the target size (rotation/blur look right), then the final resize in _to_tensor.
-        s = 2 * self.image_size
-        if img.shape[0] <= s and img.shape[1] <= s:
-            return img
-        out = cv2.resize(img, (s, s), interpolation=cv2.INTER_AREA)
-        return out if out.ndim == 3 else out[:, :, None]
+        return shrink_to(img, 2 * self.image_size)

@@ -66,13 +66,13 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
-class EdgeModel:
-    """The bundle's ONNX model in ONNX Runtime (thread-safe: one session serves every request)."""
+class OnnxLogits:
+    """An ONNX classifier in ONNX Runtime on the CPU, float32 NCHW in, logits out. Thread-safe: one
+    session serves every request (the device runtime and the Serve ingress both use it; no torch)."""
 
-    def __init__(self, bundle: EdgeBundle, onnx_path: str | Path, threads: int = 1):
+    def __init__(self, onnx_path: str | Path, threads: int = 1):
         import onnxruntime as ort
 
-        self.bundle = bundle
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(threads)
         options.inter_op_num_threads = 1
@@ -81,6 +81,17 @@ class EdgeModel:
         self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
+
+
+class EdgeModel:
+    """The bundle's ONNX model in ONNX Runtime (thread-safe: one session serves every request)."""
+
+    def __init__(self, bundle: EdgeBundle, onnx_path: str | Path, threads: int = 1):
+        self.bundle = bundle
+        self.logits = OnnxLogits(onnx_path, threads)
         self.class_names = list(bundle.class_names)
 
     def preprocess(self, data: bytes) -> np.ndarray:
@@ -91,8 +102,7 @@ class EdgeModel:
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
         """Calibrated probabilities of a float32 NCHW batch."""
-        logits = self.session.run([self.output_name], {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
-        return softmax(logits, self.bundle.temperature)
+        return softmax(self.logits(batch), self.bundle.temperature)
 
     def predict(self, data: bytes) -> dict:
         """One image: label, calibrated probabilities, top confidence; or ``{"error", "reason"}`` for bad

@@ -1,18 +1,24 @@
 """Cloud-edge collaborative inference on Ray Serve.
 
-Three deployments, composed with DeploymentHandles:
+Deployments, composed with DeploymentHandles:
 
-* ``EdgeClassifier`` -- the promoted edge model (int8 ONNX when the prune stage built one, else the
-  pruned torch model), several small replicas placed on ``edge`` nodes;
+* ``Router`` -- the FastAPI ingress (OpenAPI at ``/docs``). With ``serve.edge.placement`` ingress
+  (the default for an int8 ONNX edge classifier) it also runs the edge model itself
+  (:class:`IngressEdge`, ONNX Runtime in a thread of the replica), so an edge answer crosses the
+  proxy and one replica, and the image is decoded once: an escalation sends the cloud the decoded,
+  preprocessed input;
+* ``EdgeClassifier`` -- with placement replica (a torch edge model, a detector, or by choice): the
+  edge model in its own deployment, several small replicas on ``edge`` nodes, batched;
 * ``CloudClassifier`` -- the promoted full model with dynamic batching (``@serve.batch``), placed on
-  ``cloud`` nodes;
-* ``Router`` -- the FastAPI ingress (OpenAPI at ``/docs``). Per request (``?mode=`` or the JSON field
-  ``mode``) or by default: ``edge`` (edge only), ``cloud`` (cloud only) or ``cascade`` (edge first;
-  the request escalates to the cloud when the edge's calibrated confidence is below the threshold).
+  ``cloud`` nodes.
 
-Both tiers decode and preprocess each image exactly like training validation does
-(``AugmentOperator(policy=None, output="tensor")``), batch concurrent requests, and report
-temperature-calibrated probabilities (the temperatures come from the validation split, see
+Per request (``?mode=`` or the JSON field ``mode``) or by default: ``edge`` (edge only), ``cloud``
+(cloud only) or ``cascade`` (edge first; the request escalates to the cloud when the edge's
+calibrated confidence is below the threshold).
+
+Every tier decodes and preprocesses each image exactly like training validation does
+(``components.augment.resize.validation_tensor``), and reports temperature-calibrated
+probabilities (the temperatures come from the validation split, see
 ``components.evaluate.calibration``).
 
 HTTP API::
@@ -43,6 +49,7 @@ Errors are JSON ``{"error": "<what is wrong>"}`` and never take the server down:
 # not be resolved there and FastAPI would take `request` for a query parameter.
 
 import asyncio
+import copy
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -84,6 +91,87 @@ def read_model_info(model_path: str) -> dict:
             "in_chans": int(meta["in_chans"]), "task": model_task(str(meta["model_name"]))}
 
 
+def check_files(sha256: dict | None, *paths: str | None) -> None:
+    """Each model file has the sha256 recorded when the app was built (``CheckpointError`` if not):
+    another node's copy, or a file replaced after the build, would make the reported version lie."""
+    for path in filter(None, paths):
+        expected = (sha256 or {}).get(Path(path).name)
+        if expected and Path(path).exists() and (found := file_sha256(path)) != expected:
+            from components.models.checkpoint import CheckpointError  # imports torch: only on this path
+
+            raise CheckpointError(f"model file {path} on this node has sha256 {found}, "
+                                  f"not {expected} as when the app was built")
+
+
+def prediction(probs: np.ndarray, class_names: list[str], model_version: str, model_name: str, batch_size: int,
+               start: float) -> dict:
+    """A tier's answer for one image: its calibrated probabilities, the top class and its confidence."""
+    index = int(np.argmax(probs))
+    return {"label": class_names[index], "label_index": index, "confidence": float(probs[index]),
+            "probabilities": {name: float(p) for name, p in zip(class_names, probs)},
+            "model_version": model_version, "model_name": model_name, "batch_size": batch_size,
+            "compute_ms": (time.perf_counter() - start) * 1000.0}
+
+
+class IngressEdge:
+    """The int8 ONNX edge model inside the ingress replica (``serve.edge.placement: ingress``).
+
+    An edge answer then crosses the proxy and this one replica: the image is decoded here once, the
+    edge model (ONNX Runtime, sub-millisecond, thread-safe) runs in a thread of the replica, and only
+    an escalation calls the cloud deployment, with the decoded input, so the cloud does not decode
+    again. Preprocessing is the tiers' (the validation transform of training). No torch here.
+    """
+
+    tier = "edge"
+
+    def __init__(self, onnx_path: str, *, meta: dict, model_version: str, temperature: float = 1.0,
+                 threads: int = 1, max_image_pixels: int = 50_000_000, min_image_side: int = 8,
+                 sha256: dict | None = None, cloud_input: dict | None = None):
+        from components.edge.model import OnnxLogits
+
+        check_files(sha256, onnx_path)
+        self.logits = OnnxLogits(onnx_path, threads=threads)
+        self.meta = dict(meta)
+        self.class_names = [str(n) for n in meta["class_names"]]
+        self.image_size, self.in_chans = int(meta["image_size"]), int(meta["in_chans"])
+        self.model_version, self.model_name = model_version, str(meta["model_name"])
+        self.temperature = float(temperature)
+        if not self.temperature > 0:
+            raise ValueError(f"edge: temperature must be > 0, got {temperature}")
+        self.max_image_pixels, self.min_image_side = max_image_pixels, min_image_side
+        # The cloud tier's input; decoded here too when its channels match (else it gets the bytes).
+        cloud = dict(cloud_input or {})
+        self.cloud_size = int(cloud["image_size"]) if cloud.get("in_chans") == self.in_chans else None
+        self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="edge")
+
+    def _run(self, data: bytes, with_edge: bool) -> tuple[dict | None, object]:
+        """(edge answer | None | {"error", "reason"}, what to send the cloud: a float32 CHW input or the bytes)."""
+        from components.augment.resize import validation_tensor
+        from components.data.images import decode_image
+        from components.edge.model import softmax
+
+        start = time.perf_counter()
+        try:
+            check_image_header(data, self.max_image_pixels, self.min_image_side)
+            img = decode_image(data, self.in_chans, self.max_image_pixels)
+        except ImageDecodeError as exc:
+            return decode_error(exc), None
+        x = validation_tensor(img, self.image_size) if with_edge or self.cloud_size == self.image_size else None
+        cloud_input = data
+        if self.cloud_size is not None:
+            cloud_input = x if self.cloud_size == self.image_size else validation_tensor(img, self.cloud_size)
+        if not with_edge:
+            return None, cloud_input
+        probs = softmax(self.logits(x[None]), self.temperature)[0]
+        return prediction(probs, self.class_names, self.model_version, self.model_name, 1, start), cloud_input
+
+    async def predict(self, data: bytes, with_edge: bool = True) -> tuple[dict | None, object]:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._run, data, with_edge)
+
+    def check_health(self) -> None:
+        self.logits(np.zeros((1, self.in_chans, self.image_size, self.image_size), dtype=np.float32))
+
+
 class _Tier:
     """One model tier: image bytes in, calibrated softmax probabilities out, batched across requests.
 
@@ -103,14 +191,9 @@ class _Tier:
         import torch  # imported here: the router process never needs torch
 
         from components.augment.operator import AugmentOperator
-        from components.models.checkpoint import CheckpointError, load_model
+        from components.models.checkpoint import load_model
 
-        for path in filter(None, (model_path, onnx_path)):
-            expected = (sha256 or {}).get(Path(path).name)
-            if expected and Path(path).exists() and (found := file_sha256(path)) != expected:
-                # Another node's copy, or the file was replaced after the app was built: the version would lie.
-                raise CheckpointError(f"model file {path} on this node has sha256 {found}, "
-                                      f"not {expected} as when the app was built")
+        check_files(sha256, model_path, onnx_path)
         from components.models.registry import model_task
 
         self._torch = torch
@@ -210,11 +293,17 @@ class _Tier:
         if error:
             return error
         probs, batch_size = await self._infer(image)
-        index = int(np.argmax(probs))
-        return {"label": self.class_names[index], "label_index": index, "confidence": float(probs[index]),
-                "probabilities": {name: float(p) for name, p in zip(self.class_names, probs)},
-                "model_version": self.model_version, "model_name": str(self.meta["model_name"]),
-                "batch_size": batch_size, "compute_ms": (time.perf_counter() - start) * 1000.0}
+        return prediction(probs, self.class_names, self.model_version, str(self.meta["model_name"]), batch_size, start)
+
+    async def predict_array(self, image: np.ndarray) -> dict:
+        """An input the ingress already decoded and preprocessed (float32 CHW at this tier's size and
+        channels) -> as :meth:`predict`: the image is decoded once per request, not once per tier."""
+        start = time.perf_counter()
+        expected = (int(self.meta["in_chans"]), int(self.meta["image_size"]), int(self.meta["image_size"]))
+        if tuple(image.shape) != expected:
+            raise ValueError(f"{self.tier}: input of shape {tuple(image.shape)}, expected {expected}")
+        probs, batch_size = await self._infer(np.asarray(image, dtype=np.float32))
+        return prediction(probs, self.class_names, self.model_version, str(self.meta["model_name"]), batch_size, start)
 
     async def detect(self, data: bytes, score_threshold: float, iou_threshold: float, max_detections: int) -> dict:
         """Boxes on one image in its own pixels, or ``{"error", "reason"}`` like :meth:`predict`."""
@@ -328,13 +417,17 @@ class RouterMetrics:
 class Router:
     """HTTP ingress: checks requests, routes them to the edge and/or cloud tier, shapes the answers."""
 
-    def __init__(self, edge: DeploymentHandle, cloud: DeploymentHandle, info: dict, *, default_mode: str = "cascade",
+    def __init__(self, edge: DeploymentHandle | dict, cloud: DeploymentHandle, info: dict, *, default_mode: str = "cascade",
                  threshold: float = 0.5, max_body_bytes: int = 10_000_000, max_batch_images: int = 64,
                  auth_token: str | None = None, auth_token_env: str | None = None, signal: dict | None = None,
                  detection: dict | None = None, health_timeout_s: float = 2.0):
         if default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
-        self.edge, self.cloud = edge, cloud
+        # `edge` is the edge deployment's handle, or (placement: ingress) the settings of the edge model
+        # this replica runs itself.
+        self.local_edge = IngressEdge(**edge) if isinstance(edge, dict) else None
+        self.edge = None if self.local_edge else edge
+        self.cloud = cloud
         self.info = dict(info)
         self.task = self.info["cloud"].get("task", "classify")
         det = dict(detection or {})
@@ -356,20 +449,26 @@ class Router:
         """One image through the tiers ``mode`` names; escalate iff the edge confidence < threshold."""
         start = time.perf_counter()
         latency, batch_sizes, versions = {}, {}, {}
-        edge_conf = None
-        if mode in ("edge", "cascade"):
-            t = time.perf_counter()
+        edge_conf, result, cloud_input = None, None, data
+        t = time.perf_counter()
+        if self.local_edge is not None:  # decoded here once; the edge model runs in this replica
+            result, cloud_input = await self.local_edge.predict(data, with_edge=mode != "cloud")
+        elif mode in ("edge", "cascade"):
             result = await self.edge.predict.remote(data)
+        if result is not None and "error" in result:
+            self.metrics.refused(result["reason"])
+            return result
+        if mode in ("edge", "cascade"):
             latency["edge"] = (time.perf_counter() - t) * 1000.0
-            if "error" in result:
-                self.metrics.refused(result["reason"])
-                return result
             edge_conf, tier = result["confidence"], "edge"
             batch_sizes["edge"], versions["edge"] = result["batch_size"], result["model_version"]
         escalate = mode == "cloud" or (mode == "cascade" and edge_conf < threshold)
         if escalate:
             t = time.perf_counter()
-            result = await self.cloud.predict.remote(data)
+            if isinstance(cloud_input, np.ndarray):
+                result = await self.cloud.predict_array.remote(cloud_input)
+            else:
+                result = await self.cloud.predict.remote(cloud_input)
             latency["cloud"] = (time.perf_counter() - t) * 1000.0
             if "error" in result:
                 self.metrics.refused(result["reason"])
@@ -513,13 +612,25 @@ class Router:
         threshold = float(config.get("threshold", self.threshold))
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+        if "edge_temperature" in config and self.local_edge is not None:
+            temperature = float(config["edge_temperature"])
+            if not temperature > 0:
+                raise ValueError(f"edge_temperature must be > 0, got {temperature}")
+            self.local_edge.temperature = temperature
         self.default_mode, self.threshold = mode, threshold
 
     @api.get("/healthz", response_model=HealthResponse,
              responses={503: {"model": ErrorResponse, "description": "a tier does not answer"}})
     async def healthz(self):
         """OK when both tiers answer now (asked on every call: a probe sees a tier that died)."""
+        if self.local_edge is not None:
+            try:
+                await asyncio.get_running_loop().run_in_executor(self.local_edge.pool, self.local_edge.check_health)
+            except Exception as exc:
+                return error(503, f"the edge model in the ingress failed a forward pass ({type(exc).__name__}: {exc})")
         for tier, handle in (("edge", self.edge), ("cloud", self.cloud)):
+            if handle is None:
+                continue
             try:
                 await asyncio.wait_for(handle.info.remote(), timeout=self.health_timeout_s)
             except Exception as exc:  # any failure means "not serving"
@@ -536,9 +647,11 @@ class Router:
         except BadRequest as exc:
             return self._refused(exc)
         info = dict(self.info)
-        live = await asyncio.gather(self.edge.info.remote(), self.cloud.info.remote())
-        for tier, now in zip(("edge", "cloud"), live):  # temperatures may have been reconfigured
-            info[tier] = {**info[tier], "temperature": now["temperature"]}
+        live = {"cloud": (await self.cloud.info.remote())["temperature"]}
+        live["edge"] = (self.local_edge.temperature if self.local_edge is not None
+                        else (await self.edge.info.remote())["temperature"])
+        for tier, temperature in live.items():  # temperatures may have been reconfigured
+            info[tier] = {**info[tier], "temperature": temperature}
         return ModelsResponse(default_mode=self.default_mode, threshold=self.threshold, **info)
 
 
@@ -577,7 +690,14 @@ def _resolve(path: str | None, base_dir: str | None) -> str | None:
     return str(p.resolve())
 
 
-def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str | None = None,
+def build_app(*args, **kwargs):
+    """The Serve application: ``Router.bind(EdgeClassifier.bind(...), CloudClassifier.bind(...), ...)``
+    (with ``serve.edge.placement`` ingress, ``Router.bind(<edge settings>, CloudClassifier.bind(...))``).
+    Arguments as :func:`plan_app`'s."""
+    return plan_app(*args, **kwargs)[0]
+
+
+def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str | None = None,
               model_version: str = "unknown", edge_version: str | None = None, cloud_version: str | None = None,
               temperatures: dict | None = None, threshold: float = 0.5, default_mode: str = "cascade",
               max_body_bytes: int = 10_000_000, max_image_pixels: int = 50_000_000, min_image_side: int = 8,
@@ -585,12 +705,16 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
               router: dict | None = None, auth_token: str | None = None, auth_token_env: str | None = None,
               calibration: dict | None = None, base_dir: str | None = None, files_sha256: dict | None = None,
               signal: dict | None = None, detection: dict | None = None):
-    """The Serve application: ``Router.bind(EdgeClassifier.bind(...), CloudClassifier.bind(...), ...)``.
+    """``(application, deployments)``: the Serve application and each deployment's options as a Serve
+    config lists them (``name``, replicas or autoscaling, ``max_ongoing_requests``, ``ray_actor_options``,
+    ``user_config``), the ones the application's deployments are given.
 
     ``cloud_model`` is the full model; ``edge_model`` the edge model (default: the full model, so a
     model without a compressed twin still serves every mode), ``edge_onnx`` its int8 ONNX export.
     ``edge`` / ``cloud`` hold each tier's settings: ``max_batch_size``, ``batch_wait_timeout_s``,
-    ``threads`` and the deployment options ``num_replicas`` or ``autoscaling_config``, ``num_cpus``,
+    ``threads``; for the edge ``placement`` (``auto``: ``ingress`` when the edge is an int8 ONNX classifier,
+    else ``replica``; ``ingress`` runs the edge model inside the Router replicas, which then take the
+    edge's replicas, CPUs and resources); and the deployment options ``num_replicas`` or ``autoscaling_config``, ``num_cpus``,
     ``resources`` (Ray custom resources, e.g. ``{"edge": 0.01}``), ``max_ongoing_requests``.
     Model files are loaded here once to validate them: a missing or malformed file raises
     ``CheckpointError`` now, naming the file, instead of failing replicas after deployment.
@@ -610,6 +734,11 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
     if default_mode not in MODES:
         raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {default_mode!r}")
     info, handles = {}, {}
+    edge = dict(edge or {})
+    placement = edge.pop("placement", "auto")
+    if placement not in ("auto", "ingress", "replica"):
+        raise ValueError(f"serve.edge.placement must be auto, ingress or replica, got {placement!r}")
+    ingress_options, specs = None, []
     for tier, cls, model_path, onnx_path, version, settings in (
             ("edge", EdgeClassifier, edge_model, edge_onnx, edge_version, edge),
             ("cloud", CloudClassifier, cloud_model, None, cloud_version, cloud)):
@@ -634,9 +763,23 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
         version = version or model_version
         temperature = float(temperatures.get(tier, 1.0))
         info[tier] = {**meta, "tier": tier, "model_version": version, "files": sha,
-                      "backend": "onnxruntime" if onnx_path else "torch", "temperature": temperature}
+                      "backend": "onnxruntime" if onnx_path else "torch", "temperature": temperature,
+                      "placement": "replica"}
+        if tier == "edge" and placement != "replica" and onnx_path and meta["task"] == "classify":
+            # The edge model runs in the ingress: one replica (after the proxy) answers confident images.
+            info[tier]["placement"] = "ingress"
+            ingress_options = _tier_options(settings, 1)
+            handles[tier] = {"onnx_path": onnx_path, "meta": meta, "model_version": version,
+                             "temperature": temperature, "threads": threads, "max_image_pixels": max_image_pixels,
+                             "min_image_side": min_image_side, "sha256": sha}
+            continue
+        if tier == "edge" and placement == "ingress":
+            raise ValueError("serve.edge.placement: ingress needs the int8 ONNX edge model of a classifier "
+                             "(serve.edge.backend auto or onnx, prune.quantize.enabled: true)")
         # user_config: the temperature can be changed in the Serve config without restarting replicas.
-        handles[tier] = cls.options(**_tier_options(settings, batch), user_config={"temperature": temperature}).bind(
+        options = {**_tier_options(settings, batch), "user_config": {"temperature": temperature}}
+        specs.append({"name": cls.name, **options})
+        handles[tier] = cls.options(**options).bind(
             model_path, onnx_path=onnx_path, model_version=version, temperature=temperature,
             max_image_pixels=max_image_pixels, min_image_side=min_image_side, max_batch_size=batch,
             batch_wait_timeout_s=wait, threads=threads, sha256=sha)
@@ -659,14 +802,34 @@ def build_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str
         raise ValueError(f"unknown router options {sorted(router)}")
     # user_config: threshold and default mode can be changed in the Serve config without a restart.
     router_options["user_config"] = {"threshold": float(threshold), "default_mode": default_mode}
-    return Router.options(**router_options).bind(
+    if ingress_options is not None:
+        # The ingress does the edge tier's work: it takes the edge's replicas (or autoscaling) and
+        # placement (resources), and its CPUs on top of the router's.
+        handles["edge"]["cloud_input"] = {k: info["cloud"][k] for k in ("image_size", "in_chans")}
+        actor = router_options["ray_actor_options"]
+        edge_actor = ingress_options["ray_actor_options"]
+        actor["num_cpus"] = actor["num_cpus"] + edge_actor["num_cpus"]
+        if edge_actor.get("resources") or actor.get("resources"):
+            actor["resources"] = {**edge_actor.get("resources", {}), **actor.get("resources", {})}
+        for key in ("num_replicas", "autoscaling_config"):
+            if key in ingress_options:
+                router_options[key] = ingress_options[key]
+        router_options["user_config"]["edge_temperature"] = info["edge"]["temperature"]
+    specs.append({"name": "Router", **router_options})
+    app = Router.options(**router_options).bind(
         handles["edge"], handles["cloud"], info, default_mode=default_mode, threshold=threshold,
         max_body_bytes=max_body_bytes, max_batch_images=max_batch_images, auth_token=auth_token,
         auth_token_env=auth_token_env, signal=signal, detection=detection)
+    return app, copy.deepcopy(specs)
 
 
 def app_builder(args: dict):
     """Application builder for a Serve config (``import_path: components.serve.app:app_builder``), the
     RayService ``serveConfigV2`` and ``serve run``; ``args`` are ``build_app``'s keyword arguments."""
+    return app_plan(args)[0]
+
+
+def app_plan(args: dict):
+    """:func:`plan_app` of a Serve config's ``args``."""
     args = dict(args)
-    return build_app(args.pop("cloud_model"), args.pop("edge_model", None), **args)
+    return plan_app(args.pop("cloud_model"), args.pop("edge_model", None), **args)

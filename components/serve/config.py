@@ -2,16 +2,18 @@
 ``resops serve`` locally and by the RayService (``serveConfigV2``) on Kubernetes.
 
 Its content is what ``serve build`` makes (``proxy_location``, ``http_options``, ``applications``
-with each deployment's options, taken from the built application by Ray's own
-``deployment_to_schema``), with ``import_path: components.serve.app:app_builder`` and the
-builder's ``args``: model files, versions, calibration, threshold, limits. It is validated with
-Ray's ``ServeDeploySchema`` when written and when read. Model paths in it are relative to the
+with each deployment's options, the ones the application builder gives them), with
+``import_path: components.serve.app:app_builder`` and the builder's ``args``: model files,
+versions, calibration, threshold, limits. It is validated with Ray's ``ServeDeploySchema`` when
+written and when read, and deployed as ``serve deploy`` does (Serve's REST API on the dashboard),
+so a changed ``user_config`` is a lightweight update of the running replicas. Model paths in it are relative to the
 project directory (``base_dir`` when deploying; ``$RESOPS_HOME`` or the working directory in
 a replica), so the same file works in a checkout and in the container image.
 """
 from __future__ import annotations
 
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -19,7 +21,7 @@ import yaml
 
 IMPORT_PATH = "components.serve.app:app_builder"
 APP_NAME = "resops"
-TIER_KEYS = ("max_batch_size", "batch_wait_timeout_s", "threads")
+TIER_KEYS = ("max_batch_size", "batch_wait_timeout_s", "threads", "placement")
 DEPLOYMENT_KEYS = ("num_replicas", "autoscaling_config", "num_cpus", "resources", "max_ongoing_requests")
 
 
@@ -44,16 +46,12 @@ def build_serve_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
     The application is built here (which validates the model files) so the ``deployments`` section
     holds exactly the options the code gives each deployment, as ``serve build`` would write them.
     """
-    from ray.serve._private.build_app import build_app as build_built_app
-    from ray.serve.deployment import deployment_to_schema
     from ray.serve.schema import ServeDeploySchema
 
-    from components.serve.app import app_builder
+    from components.serve.app import app_plan
 
     args = copy.deepcopy(args)
-    app = app_builder(copy.deepcopy(args))
-    built = build_built_app(app, name=name)
-    deployments = [deployment_to_schema(d).model_dump(exclude_unset=True, mode="json") for d in built.deployments]
+    _, deployments = app_plan(copy.deepcopy(args))
     if not args.get("files_sha256"):  # pin the files the config was written for
         from components.registry import file_sha256
         from components.serve.app import _resolve
@@ -98,9 +96,22 @@ def load_serve_config(path: str | Path) -> dict:
     return config
 
 
+def dashboard_address(address: str | None = None) -> str:
+    """The Ray dashboard's HTTP address that Serve's REST API is on: ``address``, else
+    ``$RAY_DASHBOARD_ADDRESS`` (what ``serve deploy`` reads; ``pipelines.runtime.init_ray`` sets it
+    from ``ray.init``), else Ray's default ``http://127.0.0.1:8265``."""
+    address = address or os.environ.get("RAY_DASHBOARD_ADDRESS") or "http://127.0.0.1:8265"
+    return address if "://" in address else f"http://{address}"
+
+
 def deploy_config(config: dict, *, base_dir: str | Path | None = None, host: str | None = None,
-                  port: int | None = None, overrides: dict | None = None, timeout_s: float = 300.0) -> None:
-    """Deploy a Serve config on the connected Ray (``ray.init`` first) as ``serve run config.yaml`` does.
+                  port: int | None = None, overrides: dict | None = None, timeout_s: float = 300.0,
+                  dashboard: str | None = None) -> None:
+    """Deploy a Serve config on the connected Ray (``ray.init`` first) as ``serve deploy config.yaml``
+    does: ``PUT /api/serve/applications/`` of Serve's REST API on the dashboard (``dashboard``, see
+    :func:`dashboard_address`), with Ray's own client for it, which sends Ray's auth token when token
+    authentication is on. The deploy is declarative: applications not in ``config`` are removed, and a
+    change of ``user_config`` only reconfigures the running replicas.
 
     ``base_dir`` is where relative model paths start (the project directory); ``host``/``port``
     override ``http_options``; ``overrides`` updates every application's ``args`` (e.g.
@@ -109,8 +120,7 @@ def deploy_config(config: dict, *, base_dir: str | Path | None = None, host: str
     the replica's reason.
     """
     from ray import serve
-    from ray.serve._private import api as serve_api
-    from ray.serve.config import gRPCOptions
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient  # the client of `serve deploy`
     from ray.serve.schema import ServeDeploySchema
 
     config = copy.deepcopy(config)
@@ -127,9 +137,14 @@ def deploy_config(config: dict, *, base_dir: str | Path | None = None, host: str
         if base_dir is not None:
             app["args"]["base_dir"] = str(Path(base_dir).resolve())
     schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump(),
-                                   proxy_location=schema.proxy_location, grpc_options=gRPCOptions())
-    client.deploy_apps(schema, _blocking=False)
+    address = dashboard_address(dashboard)
+    try:
+        client = ServeSubmissionClient(address)
+    except Exception as exc:  # refused, timed out, not a dashboard
+        raise RuntimeError(f"Serve's REST API on the Ray dashboard at {address} does not answer ({exc}): deploying "
+                           "a Serve config needs the dashboard (ray.include_dashboard: true; on a cluster set "
+                           "RAY_DASHBOARD_ADDRESS to the head's http://host:8265)") from None
+    client.deploy_applications(schema.model_dump(mode="json", exclude_unset=True))
     names = [app.name for app in schema.applications]
     deadline = time.monotonic() + timeout_s
     while True:

@@ -131,6 +131,9 @@ class TierInfo(BaseModel):
     image_size: int = Field(description="images are resized to image_size x image_size before inference")
     in_chans: int = Field(description="1: images are converted to grayscale; 3: to RGB")
     task: Literal["classify", "detect"] = Field("classify", description="classify: POST /predict; detect: POST /detect")
+    placement: Literal["replica", "ingress"] = Field(
+        "replica", description="replica: the tier's own deployment; ingress: the edge model runs in the HTTP ingress "
+                               "replica (one hop for an edge answer)")
 
 
 class ModelsResponse(BaseModel):
