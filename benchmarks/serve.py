@@ -329,8 +329,7 @@ def run_outage(edge_base: str, items, args) -> dict:
 
 def start_edge_runtime(bundle: Path, cloud_url: str, outbox: Path) -> tuple[subprocess.Popen, str]:
     port = _free_port()
-    exe = Path(sys.executable).with_name("resops-edge")
-    cmd = [str(exe) if exe.exists() else "resops-edge", "--bundle", str(bundle), "--cloud-url", cloud_url,
+    cmd = [sys.executable, "-m", "components.edge.cli", "--bundle", str(bundle), "--cloud-url", cloud_url,
            "--port", str(port), "--outbox", str(outbox), "--resend-interval", "1", "--timeout", "2"]
     proc = subprocess.Popen(cmd, cwd=ROOT)
     base = f"http://127.0.0.1:{port}"
@@ -447,6 +446,8 @@ def main() -> None:
     ap.add_argument("--soak-seconds", type=float, default=60.0, help="0: no soak")
     ap.add_argument("--outage-requests", type=int, default=600, help="0: no outage run")
     ap.add_argument("--drain-seconds", type=float, default=120.0, help="how long the outbox may take to drain")
+    ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="environment of the Ray started for Serve, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)")
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     ap.add_argument("--baseline-server", choices=["full", "edge"], help=argparse.SUPPRESS)  # internal: subprocess
     ap.add_argument("--baseline-model", help=argparse.SUPPRESS)
@@ -483,6 +484,9 @@ def main() -> None:
                              float(temps.get("edge", 1.0)), items, args)
     models, soak, outage = None, None, None
     if {RAY_SERVE, EDGE_RT} & set(args.systems):
+        for item in args.serve_env:  # read by Serve's processes when they start: set before ray.init
+            key, _, value = item.partition("=")
+            os.environ[key] = value
         serve_rows, models, soak, outage = run_serve(config, items, args)
         rows += serve_rows
     checks = acceptance(rows, soak, outage)
@@ -519,7 +523,7 @@ def main() -> None:
         "settings": {"systems": args.systems, "concurrency": args.concurrency, "requests_per_cell": args.requests,
                      "max_seconds_per_cell": args.max_seconds, "warmup_per_mode": args.warmup,
                      "timeout_s": args.timeout, "shuffle_seed": 0, "soak_seconds": args.soak_seconds,
-                     "outage_requests": args.outage_requests,
+                     "outage_requests": args.outage_requests, "serve_env": args.serve_env,
                      "ray_init": {**RAY_INIT, "include_dashboard": True, "resources": {"edge": 1, "cloud": 1},
                                   "log_to_driver": False},
                      "baselines": "FastAPI + uvicorn, 1 process, 1 worker thread, unbatched; full: torch 2 threads; "
