@@ -344,6 +344,23 @@ def environment_info() -> dict:
             "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def wait_healthy(base: str, timeout_s: float = 120.0, proc=None) -> None:
+    """Until ``{base}/healthz`` answers 200; fails when ``proc`` (the server's subprocess) exits first."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode} before it was healthy")
+        try:
+            if httpx.get(f"{base}/healthz", timeout=5.0, trust_env=False).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{base}/healthz did not answer 200 within {timeout_s:.0f} s")
+
+
 def write_json(path: str | Path, obj: dict) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -16,12 +16,9 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from common import RESULTS, ROOT, _free_port, say, write_json  # noqa: F401  (common puts ROOT on sys.path)
-
-import httpx  # noqa: E402
+from common import RESULTS, ROOT, _free_port, say, wait_healthy, write_json  # common puts ROOT on sys.path
 
 # What a page shows only when its script ran: Swagger UI's rendered operations, ReDoc's rendered menu.
 MARKERS = {"/docs": ["opblock", "/predict"], "/redoc": ["redoc-wrap", "predict"]}
@@ -46,16 +43,7 @@ def main() -> int:
                                "--port", str(port)], cwd=ROOT)
     pages = {}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=2.0, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline or server.poll() is not None:
-                raise RuntimeError("the edge runtime did not start")
-            time.sleep(0.3)
+        wait_healthy(base, 60.0, server)
         for path, markers in MARKERS.items():
             dom = chromium(args.chromium, base + path, "--dump-dom").stdout
             shot = Path(args.out).with_name(f"docs_{'swagger' if path == '/docs' else 'redoc'}.png")

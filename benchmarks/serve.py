@@ -56,7 +56,7 @@ from pathlib import Path  # noqa: E402
 
 # benchmarks/common.py (importing it also puts the repository root on sys.path)
 from common import (RAY_INIT, RESULTS, ROOT, _free_port, environment_info, markdown_table, parse_ints, say,  # noqa: E402
-                    setup_environment, write_json)
+                    setup_environment, wait_healthy, write_json)
 
 import httpx  # noqa: E402
 import numpy as np  # noqa: E402
@@ -167,20 +167,6 @@ def run_cell(url: str, items, n: int | None, concurrency: int, max_seconds: floa
         "hops_ms": _hops(ok), "throughput_rps": len(ok) / wall if wall > 0 else None, "wall_seconds": wall,
         "load_average_before": load_before,
     }
-
-
-def wait_healthy(base: str, timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with code {proc.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{base}/healthz", timeout=5.0, trust_env=False).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{base}/healthz did not answer 200 within {timeout_s:.0f} s")
 
 
 def measure(system: str, base: str, modes, items, args) -> list[dict]:

@@ -131,21 +131,24 @@ class IngressEdge:
 
         check_files(sha256, onnx_path)
         self.logits = OnnxLogits(onnx_path, threads=threads)
-        self.meta = dict(meta)
         self.class_names = [str(n) for n in meta["class_names"]]
         self.image_size, self.in_chans = int(meta["image_size"]), int(meta["in_chans"])
         self.model_version, self.model_name = model_version, str(meta["model_name"])
-        self.temperature = float(temperature)
-        if not self.temperature > 0:
-            raise ValueError(f"edge: temperature must be > 0, got {temperature}")
+        self.set_temperature(temperature)
         self.max_image_pixels, self.min_image_side = max_image_pixels, min_image_side
-        # The cloud tier's input; decoded here too when its channels match (else it gets the bytes).
+        # The cloud tier's input is made from the pixels decoded here when its channels match (else it gets
+        # the bytes).
         cloud = dict(cloud_input or {})
         self.cloud_size = int(cloud["image_size"]) if cloud.get("in_chans") == self.in_chans else None
         self.pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="edge")
 
-    def _run(self, data: bytes, with_edge: bool) -> tuple[dict | None, object]:
-        """(edge answer | None | {"error", "reason"}, what to send the cloud: a float32 CHW input or the bytes)."""
+    def set_temperature(self, temperature: float) -> None:
+        if not float(temperature) > 0:
+            raise ValueError(f"edge: temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def _run(self, data: bytes, with_edge: bool) -> tuple[dict | None, tuple | None]:
+        """(edge answer | None | {"error", "reason"}, the decoded image and its edge input, or None)."""
         from components.augment.resize import validation_tensor
         from components.data.images import decode_image
         from components.edge.model import softmax
@@ -156,17 +159,24 @@ class IngressEdge:
             img = decode_image(data, self.in_chans, self.max_image_pixels)
         except ImageDecodeError as exc:
             return decode_error(exc), None
-        x = validation_tensor(img, self.image_size) if with_edge or self.cloud_size == self.image_size else None
-        cloud_input = data
-        if self.cloud_size is not None:
-            cloud_input = x if self.cloud_size == self.image_size else validation_tensor(img, self.cloud_size)
         if not with_edge:
-            return None, cloud_input
+            return None, (img, None)
+        x = validation_tensor(img, self.image_size)
         probs = softmax(self.logits(x[None]), self.temperature)[0]
-        return prediction(probs, self.class_names, self.model_version, self.model_name, 1, start), cloud_input
+        return prediction(probs, self.class_names, self.model_version, self.model_name, 1, start), (img, x)
 
-    async def predict(self, data: bytes, with_edge: bool = True) -> tuple[dict | None, object]:
+    async def predict(self, data: bytes, with_edge: bool = True) -> tuple[dict | None, tuple | None]:
         return await asyncio.get_running_loop().run_in_executor(self.pool, self._run, data, with_edge)
+
+    def cloud_input(self, data: bytes, decoded: tuple) -> object:
+        """What an escalation sends the cloud: its float32 CHW input made from the pixels decoded here (the
+        edge input itself when the sizes match), or the bytes when the cloud wants other channels."""
+        from components.augment.resize import validation_tensor
+
+        if self.cloud_size is None:
+            return data
+        img, x = decoded
+        return x if x is not None and self.cloud_size == self.image_size else validation_tensor(img, self.cloud_size)
 
     def check_health(self) -> None:
         self.logits(np.zeros((1, self.in_chans, self.image_size, self.image_size), dtype=np.float32))
@@ -449,10 +459,10 @@ class Router:
         """One image through the tiers ``mode`` names; escalate iff the edge confidence < threshold."""
         start = time.perf_counter()
         latency, batch_sizes, versions = {}, {}, {}
-        edge_conf, result, cloud_input = None, None, data
+        edge_conf, result, decoded = None, None, None
         t = time.perf_counter()
         if self.local_edge is not None:  # decoded here once; the edge model runs in this replica
-            result, cloud_input = await self.local_edge.predict(data, with_edge=mode != "cloud")
+            result, decoded = await self.local_edge.predict(data, with_edge=mode != "cloud")
         elif mode in ("edge", "cascade"):
             result = await self.edge.predict.remote(data)
         if result is not None and "error" in result:
@@ -465,6 +475,7 @@ class Router:
         escalate = mode == "cloud" or (mode == "cascade" and edge_conf < threshold)
         if escalate:
             t = time.perf_counter()
+            cloud_input = data if decoded is None else self.local_edge.cloud_input(data, decoded)
             if isinstance(cloud_input, np.ndarray):
                 result = await self.cloud.predict_array.remote(cloud_input)
             else:
@@ -613,10 +624,7 @@ class Router:
         if not 0.0 <= threshold <= 1.0:
             raise ValueError(f"threshold must be in [0, 1], got {threshold}")
         if "edge_temperature" in config and self.local_edge is not None:
-            temperature = float(config["edge_temperature"])
-            if not temperature > 0:
-                raise ValueError(f"edge_temperature must be > 0, got {temperature}")
-            self.local_edge.temperature = temperature
+            self.local_edge.set_temperature(config["edge_temperature"])
         self.default_mode, self.threshold = mode, threshold
 
     @api.get("/healthz", response_model=HealthResponse,
