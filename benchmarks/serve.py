@@ -272,17 +272,32 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 # ------------------------------------------------------------------------------ Ray Serve + resops edge
+FRONT_DOORS = ("ProxyActor", "HAProxyManager")  # Serve's HTTP proxy actor, or the manager of its HAProxy
+
+
 def kill_serve_proxy() -> dict:
-    """SIGKILL the Serve HTTP proxy process (the cloud's front door); Serve's controller starts a new one."""
+    """SIGKILL the cloud's front door: Serve's HTTP proxy process, or with ``RAY_SERVE_ENABLE_HA_PROXY``
+    the HAProxy manager and the haproxy processes it runs. Serve's controller starts a new one."""
     import signal
 
+    import psutil
     from ray.util.state import list_actors
 
-    proxies = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000) if a.class_name == "ProxyActor"]
-    for a in proxies:
-        os.kill(int(a.pid), signal.SIGKILL)
-    say(f"outage: killed the Serve proxy process(es) {[int(a.pid) for a in proxies]}")
-    return {"killed_pids": [int(a.pid) for a in proxies], "at_perf_counter": time.perf_counter()}
+    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=10_000) if a.class_name in FRONT_DOORS]
+    pids = []
+    for a in actors:
+        try:
+            children = psutil.Process(int(a.pid)).children(recursive=True)  # haproxy under its manager
+        except psutil.NoSuchProcess:
+            children = []
+        pids += [int(a.pid), *(c.pid for c in children)]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    say(f"outage: killed the Serve front door ({', '.join(sorted({a.class_name for a in actors}))}): pids {pids}")
+    return {"killed": sorted({a.class_name for a in actors}), "killed_pids": pids, "at_perf_counter": time.perf_counter()}
 
 
 def outbox_state(base: str) -> dict:

@@ -186,6 +186,20 @@ def cmd_predict(args) -> int:
         headers["authorization"] = f"Bearer {token}"
     query = {k: v for k, v in (("mode", args.mode), ("threshold", args.threshold),
                                ("score_threshold", args.score_threshold)) if v is not None}
+    if args.explain:
+        if signal_type or args.detect:
+            print("resops predict --explain: images of a classifier app only", file=sys.stderr)
+            return 2
+        r = httpx.post(args.url.rstrip("/") + "/explain", content=data, headers=headers, timeout=args.timeout)
+        body = r.json()
+        if r.status_code == 200:
+            import base64
+
+            out = Path(args.output or Path(args.file).with_suffix(".gradcam.png").name)
+            out.write_bytes(base64.b64decode(body.pop("heatmap_png")))
+            body["heatmap_file"] = str(out)
+        print(json.dumps(body, indent=2))
+        return 0 if r.status_code == 200 else 1
     path = "/predict_signal" if signal_type else ("/detect" if args.detect else "/predict")
     r = httpx.post(args.url.rstrip("/") + path, content=data, params=query, headers=headers, timeout=args.timeout)
     print(json.dumps(r.json(), indent=2))
@@ -257,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
     pr.add_argument("--token-env", default="RESOPS_API_TOKEN",
                     help="environment variable holding the bearer token, if the server needs one")
     pr.add_argument("--timeout", type=float, default=30.0)
+    pr.add_argument("--explain", action="store_true",
+                    help="POST /explain: the cloud model's answer and its Grad-CAM heat map over the image, saved as -o")
+    pr.add_argument("-o", "--output", help="--explain: where to write the heat map PNG (default: FILE.gradcam.png here)")
     pr.set_defaults(func=cmd_predict)
     sub.add_parser("edge", add_help=False, help="the edge runtime on the device: the int8 edge model, escalating to "
                                                 "the cloud app (`resops edge --help`; needs no Ray or torch)")

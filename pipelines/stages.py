@@ -27,6 +27,7 @@ PROMOTED = Path("models/promoted")
 METRICS = Path("metrics")
 PLOTS = Path("plots")
 REPORTS = Path("reports/evaluation")
+REPORT_DIR = Path("reports/report")
 SERVE_DIR = Path("models/serve")
 
 
@@ -445,13 +446,14 @@ def edge_files() -> dict[str, Path]:
 def evaluate(p: Params) -> dict:
     import torch
 
-    from components.evaluate import classification_metrics, confusion_png, confusion_rows, predict_dataset, write_html_report
+    from components.evaluate import classification_metrics, confusion_png, confusion_rows, predict_dataset
+    from components.evaluate.metrics import bootstrap_intervals
     from components.evaluate.tta import tta_proba
     from components.models import load_model
 
     torch.set_num_threads(p("train.threads_per_worker"))
     tta = p("evaluate.tta")
-    results, pictures, details = {}, {}, {}
+    results, pictures, details, curves = {}, {}, {}, {}
     REPORTS.mkdir(parents=True, exist_ok=True)
     edge = edge_files()
     candidates = [("full", TRAIN_MODEL), ("pruned", edge["edge"])]
@@ -475,18 +477,32 @@ def evaluate(p: Params) -> dict:
             model, _ = load_model(path)
             y, proba = predict_dataset(model.to(memory_format=torch.channels_last), batches, tta=tta)
         m = classification_metrics(y, proba, meta["class_names"])
+        m["ci95"] = bootstrap_intervals(y, proba.argmax(1), len(meta["class_names"]), seed=p("seed"))
         details[name] = m
         results[name] = {k: v for k, v in m.items() if k != "confusion_matrix"} | {"tta": tta}
         PLOTS.mkdir(parents=True, exist_ok=True)
         if name != "int8":
             confusion_rows(y, proba.argmax(1), meta["class_names"]).to_csv(PLOTS / f"confusion_{name}.csv", index=False)
+        if name == "full":  # the promoted (cloud) model's curves, per class
+            from components.evaluate.plots import pr_rows, roc_rows, write_points
+
+            curves[name] = {"roc": roc_rows(y, proba, meta["class_names"]), "pr": pr_rows(y, proba, meta["class_names"])}
+            write_points(PLOTS / "roc_full.json", curves[name]["roc"])
+            write_points(PLOTS / "pr_full.json", curves[name]["pr"])
         confusion_png(m["confusion_matrix"], meta["class_names"], f"{name} model, test split", REPORTS / f"confusion_{name}.png")
-        pictures[name] = f"confusion_{name}.png"
+        pictures[f"Confusion matrix, {name} model"] = f"confusion_{name}.png"
+        per_cell = int(p("evaluate.gradcam_per_cell"))
+        if per_cell and name != "int8":  # the int8 file has no gradients: its heat maps are the pruned model's
+            from components.evaluate.explain import gradcam_grid
+
+            grid = _batches(p, PREPARED / "shards", "test", None, meta, p("evaluate.batch_size"))
+            gradcam_grid(model, grid, meta["class_names"], REPORTS / f"gradcam_{name}.png", per_cell=per_cell,
+                         title=f"{name} model ({meta['model_name']}), test split")
+            pictures[f"Grad-CAM, {name} model: where it looked, per true class"] = f"gradcam_{name}.png"
         _say(f"evaluate {name}: accuracy {m['accuracy']:.3f} (majority {m['majority_rate']:.3f}), balanced accuracy "
              f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, ROC-AUC {m['roc_auc_ovr']}")
     _write_json(METRICS / "evaluate.json", results)
-    _write_json(REPORTS / "evaluation.json", details)
-    write_html_report(REPORTS / "index.html", details, pictures)
+    _write_json(REPORTS / "evaluation.json", {"models": details, "pictures": pictures})
     return results
 
 
@@ -556,6 +572,22 @@ def write_edge_bundle(directory: Path, onnx_path: Path, edge_model: Path, args: 
                                                      "max_batch_images")})
 
 
+def _model_card(p: Params, files: dict, cal: dict) -> dict:
+    """The promoted version's model card from the pipeline's outputs (components.registry.card)."""
+    from components.data.prepare import load_report
+    from components.models.checkpoint import load_payload
+    from components.registry import dvc_out_hash, git_revision
+    from components.registry.card import model_card
+
+    promoted = json.loads((PROMOTED / "model.json").read_text())
+    meta = load_payload(files["full"])["meta"]
+    read = lambda name: json.loads((METRICS / name).read_text()) if (METRICS / name).exists() else None  # noqa: E731
+    return model_card(version=promoted["version"], model={**meta, "head": p("model.head")},
+                      data={**load_report(PREPARED), "dvc_md5": dvc_out_hash("dvc.lock", PREPARED.as_posix())},
+                      evaluation=read("evaluate.json"), calibration=cal, prune=read("prune.json"),
+                      train=read("train.json"), git_revision=git_revision())
+
+
 def calibrate(p: Params) -> dict:
     """Calibrate the cascade of the promoted models on the validation split and write the Serve config.
 
@@ -593,16 +625,31 @@ def calibrate(p: Params) -> dict:
     y = test["labels"]
     escalate = pe.max(1) < threshold
     pred = np.where(escalate, pc.argmax(1), pe.argmax(1))
+    from components.evaluate.plots import cascade_rows, reliability_rows, write_points
+
+    bins = c["ece_bins"]
+    write_points(PLOTS / "reliability.json", [
+        *reliability_rows(softmax(test["edge"]), y, "edge, raw (T=1)", bins),
+        *reliability_rows(pe, y, f"edge, scaled (T={cal['edge']['temperature']:.2f})", bins),
+        *reliability_rows(softmax(test["cloud"]), y, "cloud, raw (T=1)", bins),
+        *reliability_rows(pc, y, f"cloud, scaled (T={cal['cloud']['temperature']:.2f})", bins)])
+    write_points(PLOTS / "cascade.json", cascade_rows(pe.max(1), pe.argmax(1), pc.argmax(1), y, "test split"))
     cal["test"] = {"n": int(len(y)), "threshold": float(threshold), "escalation_rate": float(escalate.mean()),
                    "cascade_accuracy": float((pred == y).mean()), "edge_accuracy": float((pe.argmax(1) == y).mean()),
                    "cloud_accuracy": float((pc.argmax(1) == y).mean()),
                    "edge_ece": float(expected_calibration_error(pe, y, c["ece_bins"])),
                    "cloud_ece": float(expected_calibration_error(pc, y, c["ece_bins"]))}
     args["calibration"] = cal
+    card = _model_card(p, files, cal)
+    args["model_card"] = card
     config = build_serve_config(args, host=p("serve.host"), port=p("serve.port"))
     if SERVE_DIR.exists():
         shutil.rmtree(SERVE_DIR)
     _write_json(SERVE_DIR / "calibration.json", cal)
+    from components.registry.card import card_markdown
+
+    _write_json(SERVE_DIR / "model_card.json", card)
+    (SERVE_DIR / "MODEL_CARD.md").write_text(card_markdown(card))
     write_serve_config(SERVE_DIR / "serve_config.yaml", config)
     if edge_onnx is not None:  # what `resops edge` runs on a device: the int8 model and its calibration
         write_edge_bundle(SERVE_DIR / "edge", edge_onnx, edge_model, args, cal)
@@ -624,5 +671,27 @@ def calibrate(p: Params) -> dict:
     return metrics
 
 
+def report(p: Params) -> dict:
+    """The evaluation's HTML page (reports/report/index.html, readable offline): metrics with bootstrap
+    intervals, curves, the cascade, confusion matrices, Grad-CAM grids, GAN samples or scalograms when
+    the pipeline made them, and the model card."""
+    from components.data.prepare import load_report
+    from components.evaluate.report import write_report
+
+    read = lambda path: json.loads(path.read_text()) if path.exists() else None  # noqa: E731
+    card = read(SERVE_DIR / "model_card.json")
+    train = read(METRICS / "train.json") or {}
+    path = write_report(REPORT_DIR, evaluation=REPORTS / "evaluation.json", plots_dir=PLOTS,
+                        prepared_report=load_report(PREPARED), promoted=read(PROMOTED / "model.json"),
+                        calibration=read(SERVE_DIR / "calibration.json"), model_card=card,
+                        model_name=str(p("model.name")) + (f", selected epoch {train['selected_epoch']}"
+                                                           if train.get("selected_epoch") else ""),
+                        extra_pictures={"GAN samples per class: real (left) and generated (right)":
+                                        GAN_REPORTS / "samples.png",
+                                        "Scalograms per class (EEG, CWT)": PREPARED / "scalograms.png"})
+    _say(f"report: {path} ({len(list(REPORT_DIR.iterdir()))} files; open it in a browser, no network needed)")
+    return {"report": str(path)}
+
+
 STAGES = {f.__name__: f for f in (ingest, prepare, augment, gan, rebalance, train, prune, evaluate, promote,
-                                  calibrate)}
+                                  calibrate, report)}

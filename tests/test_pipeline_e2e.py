@@ -22,8 +22,9 @@ from components.data.images import encode_png
 from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = ["ingest", "prepare", "augment", "gan", "rebalance", "train", "prune", "evaluate", "promote", "calibrate"]
-AFTER_TRAIN = ["train", "prune", "evaluate", "promote", "calibrate"]
+STAGES = ["ingest", "prepare", "augment", "gan", "rebalance", "train", "prune", "evaluate", "promote", "calibrate",
+          "report"]
+AFTER_TRAIN = ["train", "prune", "evaluate", "promote", "calibrate", "report"]
 TINY = {
     "data.dataset": "synthetic", "data.task": "multiclass",
     "data.synthetic": {"num_images": 160, "image_size": 32, "num_classes": 2, "imbalance": 0.7},
@@ -112,6 +113,20 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
         assert ev[model]["num_samples"] == report["num_prepared"] - sum(report["counts"]["train"].values()) \
             - sum(report["counts"]["val"].values())
         assert 0.0 <= ev[model]["macro_f1"] <= 1.0
+    for picture in ("gradcam_full.png", "gradcam_pruned.png"):  # Grad-CAM grids of the torch models
+        assert (proj / "reports/evaluation" / picture).stat().st_size > 0
+    # report: one page, every file it shows beside it, the curves drawn (SVG), the Grad-CAM grids in it.
+    from tests.test_report import referenced_files
+
+    html = (proj / "reports/report/index.html").read_text()
+    refs = referenced_files(html)
+    assert {"gradcam_full.png", "gradcam_pruned.png", "roc_full.svg", "pr_full.svg", "reliability.svg",
+            "cascade.svg", "training.svg"} <= set(refs), refs
+    assert all((proj / "reports/report" / r).stat().st_size > 0 for r in refs)
+    card = json.loads((proj / "models/serve/model_card.json").read_text())
+    assert card["metrics"]["accuracy"]["ci95"][0] <= card["metrics"]["accuracy"]["value"] <= \
+        card["metrics"]["accuracy"]["ci95"][1]
+    assert "Licence" in (proj / "models/serve/MODEL_CARD.md").read_text()
     registry = json.loads((proj / "models/registry.json").read_text())
     entry = registry["entries"][-1]
     assert registry["promoted"] == entry["version"] and entry["status"] == "promoted"
@@ -142,6 +157,27 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     assert "metrics/evaluate.json" in shown and "metrics/train.json" in shown and "metrics/serve.json" in shown
 
 
+def test_dvc_plots_show_draws_every_plot_offline(repro, tmp_path):
+    """`dvc plots show` renders each plot dvc.yaml lists, into a page that loads Vega from the project."""
+    proj, env, _ = repro
+    _run(["dvc", "plots", "show", "-o", str(tmp_path / "plots")], proj, env)
+    html = (tmp_path / "plots/index.html").read_text()
+    from tests.test_report import referenced_files
+
+    refs = referenced_files(html)  # fails on a remote script or stylesheet
+    spec = yaml.safe_load((proj / "dvc.yaml").read_text())["plots"]
+    titles = [next(iter(p)) for p in spec if isinstance(p, dict)]
+    images = [p for p in spec if isinstance(p, str)]
+    assert len(titles) == 6 and len(images) == 4
+    for title in titles:
+        assert json.dumps(title)[1:-1] in html, title
+    assert html.count("vegaEmbed(") >= len(titles)
+    for image in images:
+        match = [r for r in refs if r.endswith(image.replace("/", "_"))]
+        assert match and (tmp_path / "plots" / match[0]).stat().st_size > 0, (image, refs)
+    assert "window.vegaEmbed" in html  # the inline bundle of .dvc/plots/offline.html
+
+
 def test_second_repro_is_up_to_date(repro):
     proj, env, _ = repro
     out = _run(["dvc", "repro"], proj, env)
@@ -150,16 +186,36 @@ def test_second_repro_is_up_to_date(repro):
     assert "up to date" in status, status
 
 
-def test_changing_a_train_knob_reruns_train_and_later_stages_only(repro):
-    """train.epochs and model.name are train-stage params: only train and the stages after it run;
-    the SE-ResNet18 variant takes the whole DVC path (trained, channel-pruned, quantised, evaluated)."""
+def test_changing_a_train_knob_invalidates_train_and_later_stages_only(repro):
+    """train.epochs and model.name are train-stage params: DVC finds only train changed (by those two
+    params), and what a repro then re-runs is train and the stages downstream of it, never ingest..gan.
+    Checked without re-running them (each stage is a process joining Ray: ~30 s on 2 cores); the
+    variants themselves are built, trained, pruned and exported in tests/test_models.py and
+    tests/test_compress.py, and take the whole DVC path in the slow run below."""
     proj, env, _ = repro
+    params = proj / "params.yaml"
+    before = params.read_text()
+    tree = yaml.safe_load(before)
+    tree["train"]["epochs"], tree["model"]["name"] = 2, "se_resnet18"
+    params.write_text(yaml.safe_dump(tree, sort_keys=False))
+    try:
+        status = json.loads(_run(["dvc", "status", "--json"], proj, env))
+        dry = _run(["dvc", "repro", "--dry"], proj, env)
+        downstream = _run(["dvc", "repro", "--dry", "--force-downstream"], proj, env)
+    finally:
+        params.write_text(before)
+    assert set(status) == {"train"}, status
+    changed = json.dumps(status["train"])
+    assert "train.epochs" in changed and "model.name" in changed, status
+    assert [s for s in STAGES if f"Running stage '{s}'" in dry] == ["train"], dry[-3000:]
+    assert [s for s in STAGES if f"Running stage '{s}'" in downstream] == AFTER_TRAIN, downstream[-3000:]
+    assert "up to date" in _run(["dvc", "status"], proj, env)  # params restored: nothing left changed
+
+
+def _commit(proj: Path, env: dict) -> None:
+    """The workspace as a commit: `dvc exp run` experiments start from HEAD (dvc.lock included)."""
     _run(["git", "add", "-A"], proj, env)
-    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "repro"], proj, env)
-    out = _run(["dvc", "exp", "run", "-S", "train.epochs=2", "-S", "model.name=se_resnet18"], proj, env)
-    ran = [s for s in STAGES if f"Running stage '{s}'" in out]
-    assert ran == AFTER_TRAIN, out[-3000:]
-    _check_variant(proj, "se_resnet18", epochs=2)
+    _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "repro", "--allow-empty"], proj, env)
 
 
 def _check_variant(proj: Path, variant: str, epochs: int) -> None:
@@ -218,6 +274,11 @@ def test_resops_serve_answers_over_http(repro):
         assert body["model_versions"] == {"edge": registry["promoted"]} or body["escalated"]
         assert set(body["model_versions"].values()) == {registry["promoted"]} and body["mode"] == "cascade"
         assert body["label"] in {"crack", "ok"} and abs(sum(body["probabilities"].values()) - 1) < 1e-4
+        card = httpx.get(f"{base}/models", timeout=30).json()["model_card"]  # the promoted version's card
+        assert card["version"] == registry["promoted"] and card["dataset"]["licence"]
+        assert card["metrics"]["accuracy"]["ci95"] is not None
+        r = httpx.post(f"{base}/explain", content=_png(), headers={"accept": "image/png"}, timeout=60)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png" and r.content[:4] == b"\x89PNG"
         for mode in ("edge", "cloud"):
             r = httpx.post(f"{base}/predict", params={"mode": mode}, content=_png(), timeout=30)
             assert r.status_code == 200 and r.json()["tier"] == mode, r.text
@@ -243,13 +304,14 @@ def test_resops_serve_answers_over_http(repro):
             proc.kill()
 
 
-# SE-ResNet18 takes the whole DVC path in CI (test_changing_a_train_knob...); the other variants
-# (built, trained, pruned and exported in tests/test_models.py, channel-pruned in
-# tests/test_compress.py) take it in the slow run.
+# Every variant is built, trained, pruned and exported in tests/test_models.py and channel-pruned in
+# tests/test_compress.py; the whole DVC path (dvc exp run of train and everything after it) is the
+# slow run's.
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["resnet18_simam", "resnet18_k2"])
+@pytest.mark.parametrize("variant", ["se_resnet18", "resnet18_simam", "resnet18_k2"])
 def test_every_model_variant_trains_through_dvc_exp_run(repro, variant):
     proj, env, _ = repro
+    _commit(proj, env)
     out = _run(["dvc", "exp", "run", "-S", f"model.name={variant}", "-S", "train.epochs=1",
                 "-S", "prune.quantize.enabled=false"], proj, env)
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
@@ -266,6 +328,7 @@ def test_gan_rows_and_an_unstructured_sparse_edge_model_end_to_end(repro):
     prune.method=unstructured: the edge model is a sparse file at the requested sparsity, served by torch.
     (One experiment for both: each `dvc exp run` through train costs minutes on 2 cores.)"""
     proj, env, _ = repro
+    _commit(proj, env)
     out = _run(["dvc", "exp", "run", "-S", "model.name=resnet18", "-S", "rebalance.strategy=gan",
                 "-S", "rebalance.target_ratio=1.0", "-S", "train.epochs=1", "-S", "prune.method=unstructured",
                 "-S", "prune.sparsity=0.5", "-S", "prune.quantize.enabled=false"], proj, env)
@@ -307,6 +370,7 @@ def test_eeg_pipeline_runs_end_to_end_on_synthetic_signals(repro):
     data, then the same train/prune/evaluate/promote/calibrate stages as images."""
     proj, env, _ = repro
     # rebalance and prune set back: earlier experiments in this project left gan and unstructured in params.yaml.
+    _commit(proj, env)
     sets = ["data.dataset=eeg_synthetic", "data.task=3class", "rebalance.strategy=random_over", "prune.method=structured",
             "data.eeg.synthetic.n_per_set=4", "data.eeg.window=1024",
             "data.eeg.overlap=0", "data.eeg.reassemble_per_class=4", "data.eeg.cwt.num_scales=16",

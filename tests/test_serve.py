@@ -3,6 +3,7 @@ a generated Serve config exactly as `resops serve` and the RayService do, real H
 from __future__ import annotations
 
 import base64
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -328,6 +329,58 @@ def test_healthz_reports_a_dead_tier(server):
     assert "cloud tier did not answer" in down.json()["error"]
     _wait_for(lambda: server.get("/healthz").status_code == 200, "Serve did not replace the cloud replica", timeout=120)
     assert server.post("/predict", content=_png(12), params={"mode": "cloud"}).status_code == 200
+
+
+def test_explain_answers_the_cloud_label_and_a_grad_cam_png(server, files, tmp_path, capsys):
+    """POST /explain: the cloud tier's answer and a heat map PNG over the image as sent (base64 in JSON,
+    or the PNG itself with Accept: image/png); `resops predict --explain` saves it."""
+    import io
+
+    from PIL import Image
+
+    png = _png(21, shape=(48, 40))
+    cloud = server.post("/predict", content=png, params={"mode": "cloud"}).json()
+    r = server.post("/explain", content=png, headers={"content-type": "image/png"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["label"] == cloud["label"] and body["model_version"] == VERSION and body["method"] == "grad-cam"
+    assert np.allclose([body["probabilities"][c] for c in CLASSES], _probs(cloud), atol=1e-5)
+    with Image.open(io.BytesIO(base64.b64decode(body["heatmap_png"]))) as im:
+        assert im.format == "PNG" and im.mode == "RGB" and im.size == (40, 48) == tuple(body["heatmap_size"][::-1])
+    r = server.post("/explain", files={"file": ("cell.png", png, "image/png")}, headers={"accept": "image/png"})
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png", r.text
+    assert r.headers["x-label"] == cloud["label"]
+    with Image.open(io.BytesIO(r.content)) as im:
+        assert im.size == (40, 48)
+    from pipelines.cli import main
+
+    img, out = tmp_path / "cell.png", tmp_path / "heat.png"
+    img.write_bytes(png)
+    assert main(["predict", str(img), "--explain", "-o", str(out), "--url", f"http://127.0.0.1:{server.port}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["label"] == cloud["label"] and printed["heatmap_file"] == str(out)
+    with Image.open(out) as im:
+        assert im.size == (40, 48)
+
+
+EXPLAIN_BAD = [c for c in BAD_REQUESTS if c not in ("bad mode", "bad threshold")]  # /explain has no mode
+
+
+@pytest.mark.parametrize("case", EXPLAIN_BAD)
+def test_explain_refuses_bad_input_as_predict_does(server, case):
+    kwargs, status, words = BAD_REQUESTS[case]
+    if case == "chunked body over limit":  # a generator: the /predict test consumed that one
+        kwargs = dict(content=_chunks(MAX_BODY + 100_000))
+    r = server.post("/explain", **kwargs)
+    assert r.status_code == status, (case, r.status_code, r.text)
+    assert words.lower() in r.json()["error"].lower(), r.json()
+
+
+def test_explain_takes_one_image(server):
+    image = base64.b64encode(_png(3)).decode()
+    r = server.post("/explain", json={"images": [image, image]})
+    assert r.status_code == 422 and "one image" in r.json()["error"]
+    assert server.post("/explain", json={"images": [image]}).status_code == 200
 
 
 def test_unknown_route_is_json_404(server):

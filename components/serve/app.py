@@ -63,12 +63,13 @@ from ray.serve.handle import DeploymentHandle
 
 from components.data.images import ImageDecodeError
 from components.registry import file_sha256
-from components.serve.http import (PREDICT_BODY, PREDICT_PARAMS, STATUS_OF_REASON, UNDECODABLE, BadRequest,
+from components.serve.http import (PREDICT_BODY, PREDICT_PARAMS, STATUS_OF_REASON, UNDECODABLE, UNSUPPORTED, BadRequest,
                                    RequestReader, answer, check_image_header, decode_error, error,
                                    install_error_handlers, parse_mode, parse_threshold, refused)
-from components.serve.schema import (DETECT_ERRORS, MODES, PREDICT_ERRORS, SIGNAL_ERRORS, BatchDetectResponse,
-                                     BatchPredictResponse, DetectResponse, ErrorResponse, HealthResponse,
-                                     ModelsResponse, PredictResponse, SignalPredictResponse)
+from components.serve.schema import (DETECT_ERRORS, EXPLAIN_ERRORS, MODES, PREDICT_ERRORS, SIGNAL_ERRORS,
+                                     BatchDetectResponse, BatchPredictResponse, DetectResponse, ErrorResponse,
+                                     ExplainResponse, HealthResponse, ModelsResponse, PredictResponse,
+                                     SignalPredictResponse)
 
 def read_model_info(model_path: str) -> dict:
     """Load a model file in this process to validate it; return its metadata.
@@ -339,6 +340,49 @@ class _Tier:
                 "model_name": str(self.meta["model_name"]), "batch_size": batch_size,
                 "compute_ms": (time.perf_counter() - start) * 1000.0}
 
+    def _explain(self, data: bytes, max_side: int) -> dict:
+        """Grad-CAM of one image (runs on the forward thread: Captum's hooks on the model must not
+        see another request's forward pass)."""
+        from components.data.images import decode_image
+        from components.evaluate.calibration import softmax
+        from components.evaluate.explain import gradcam, overlay, png_bytes
+
+        torch = self._torch
+        x = self.preprocess(data)
+        cams, _ = gradcam(self.model, torch.from_numpy(x[None]))
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(x[None]).contiguous(memory_format=torch.channels_last)).float().numpy()
+        probs = softmax(logits, self.temperature)[0]
+        image = decode_image(data, int(self.meta["in_chans"]), self.max_image_pixels)
+        h, w = image.shape[:2]
+        if max(h, w) > max_side:  # drawn over the image as sent, at most max_side pixels on its long side
+            import cv2
+
+            scale = max_side / max(h, w)
+            image = cv2.resize(image, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
+        label = int(np.argmax(probs))
+        return {"label": self.class_names[label], "label_index": label,
+                "probabilities": {n: float(v) for n, v in zip(self.class_names, probs)},
+                "explained_class": self.class_names[int(np.argmax(logits[0]))],
+                "method": "grad-cam", "layer": "layer4",
+                "heatmap_png": png_bytes(overlay(image, cams[0])), "heatmap_size": list(image.shape[:2]),
+                "model_version": self.model_version, "model_name": str(self.meta["model_name"])}
+
+    async def explain(self, data: bytes, max_side: int = 512) -> dict:
+        """Label, calibrated probabilities and a PNG of the Grad-CAM heat map of the predicted class
+        over the image; ``{"error", "reason"}`` for bad input, like :meth:`predict`."""
+        start = time.perf_counter()
+        if self.model is None or self.task != "classify":
+            return {"error": f"the {self.tier} tier ({self.backend}, {self.task}) cannot explain: Grad-CAM needs "
+                             "a torch classifier", "reason": UNSUPPORTED}
+        try:
+            check_image_header(data, self.max_image_pixels, self.min_image_side)
+            out = await asyncio.get_running_loop().run_in_executor(self._forward_pool, self._explain, data, max_side)
+        except ImageDecodeError as exc:
+            return decode_error(exc)
+        out["compute_ms"] = (time.perf_counter() - start) * 1000.0
+        return out
+
     def reconfigure(self, config: dict) -> None:
         """Serve ``user_config`` (``{"temperature": T}``): a changed value in the Serve config takes effect
         on the running replicas, without restarting them."""
@@ -565,6 +609,40 @@ class Router:
         results = await asyncio.gather(*(self.detect_one(data, mode, threshold, score, iou) for data in images))
         return answer(results, ctype, start, DetectResponse, BatchDetectResponse)
 
+    @api.post("/explain", response_model=ExplainResponse, openapi_extra={"requestBody": PREDICT_BODY},
+              responses={200: {"content": {"image/png": {}}, "description": "with `Accept: image/png`: the heat map"},
+                         **{code: {"model": ErrorResponse, "description": why} for code, why in EXPLAIN_ERRORS.items()}})
+    async def explain(self, request: Request):
+        """Explain one image (multipart field `file`, the raw bytes, or a JSON {"images": [one base64]}): the
+        cloud model's answer and a Grad-CAM heat map of the predicted class over the image (base64 PNG in
+        JSON; with `Accept: image/png` the PNG itself, the label in the `X-Label` header)."""
+        start = time.perf_counter()
+        try:
+            self.reader.authorize(request)
+            if self.task == "detect":
+                raise BadRequest(404, "this app serves a detector: POST /detect")
+            images, ctype, _ = await self.reader.images(request, ())
+            if len(images) != 1:
+                raise BadRequest(422, f"/explain takes one image, got {len(images)}")
+        except BadRequest as exc:
+            return self._refused(exc)
+        t = time.perf_counter()
+        result = await self.cloud.explain.remote(images[0])
+        if "error" in result:
+            self.metrics.refused(result["reason"])
+            return error(STATUS_OF_REASON[result["reason"]], result["error"])
+        latency = {"cloud": (time.perf_counter() - t) * 1000.0, "total": (time.perf_counter() - start) * 1000.0}
+        if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""):
+            from fastapi.responses import Response
+
+            return Response(content=result["heatmap_png"], media_type="image/png",
+                            headers={"X-Label": result["label"], "X-Model-Version": result["model_version"],
+                                     "X-Explained-Class": result["explained_class"]})
+        import base64
+
+        return ExplainResponse(**{k: v for k, v in result.items() if k != "compute_ms"} | {
+            "heatmap_png": base64.b64encode(result["heatmap_png"]).decode("ascii"), "latency_ms": latency})
+
     @api.post("/predict_signal", response_model=SignalPredictResponse,
               responses={code: {"model": ErrorResponse, "description": why} for code, why in SIGNAL_ERRORS.items()})
     async def predict_signal(self, request: Request):
@@ -712,7 +790,7 @@ def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str 
               max_batch_images: int = 64, edge: dict | None = None, cloud: dict | None = None,
               router: dict | None = None, auth_token: str | None = None, auth_token_env: str | None = None,
               calibration: dict | None = None, base_dir: str | None = None, files_sha256: dict | None = None,
-              signal: dict | None = None, detection: dict | None = None):
+              signal: dict | None = None, detection: dict | None = None, model_card: dict | None = None):
     """``(application, deployments)``: the Serve application and each deployment's options as a Serve
     config lists them (``name``, replicas or autoscaling, ``max_ongoing_requests``, ``ray_actor_options``,
     ``user_config``), the ones the application's deployments are given.
@@ -798,6 +876,7 @@ def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str 
         raise ValueError(f"the edge model's classes {info['edge']['class_names']} differ from the cloud model's "
                          f"{info['cloud']['class_names']}: a cascade cannot mix them")
     info["calibration"] = calibration
+    info["model_card"] = model_card  # the calibrate stage's card of this version: GET /models answers it
     router = dict(router or {})
     router_options = {
         # The router only parses requests and awaits the tiers: many in flight, little CPU.

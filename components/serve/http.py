@@ -24,8 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from components.data.images import ImageDecodeError
 from components.serve.schema import MODES
 
-UNDECODABLE, TOO_LARGE, TOO_SMALL = "undecodable", "too_large", "too_small"
-STATUS_OF_REASON = {UNDECODABLE: 415, TOO_LARGE: 413, TOO_SMALL: 422}
+UNDECODABLE, TOO_LARGE, TOO_SMALL, UNSUPPORTED = "undecodable", "too_large", "too_small", "unsupported"
+STATUS_OF_REASON = {UNDECODABLE: 415, TOO_LARGE: 413, TOO_SMALL: 422, UNSUPPORTED: 501}
 RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
 
 
@@ -252,7 +252,7 @@ class RequestReader:
                                   f"{self.max_batch_images}")
         unknown = sorted(set(doc) - {"images", *fields})
         if unknown:
-            raise BadRequest(422, f"unknown JSON fields {unknown}; allowed: images, {', '.join(fields)}")
+            raise BadRequest(422, f"unknown JSON fields {unknown}; allowed: {', '.join(('images', *fields))}")
         return [b64decode(s, i) for i, s in enumerate(images)], doc
 
     async def images(self, request: Request,

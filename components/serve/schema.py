@@ -145,6 +145,28 @@ class ModelsResponse(BaseModel):
     cloud: TierInfo
     calibration: dict | None = Field(
         default=None, description="validation-split calibration: temperatures, ECE before/after, threshold choice")
+    model_card: dict | None = Field(
+        default=None, description="the model card of the served version (models/serve/model_card.json, also as "
+                                  "MODEL_CARD.md): data and licence, intended use, test metrics with 95% intervals, "
+                                  "calibration, edge compression, cascade, known limitations")
+
+
+class ExplainResponse(BaseModel):
+    """Where the cloud model looked: its answer and a Grad-CAM heat map over the image."""
+
+    label: str = Field(description="name of the most probable class (cloud tier)")
+    label_index: int
+    probabilities: dict[str, float] = Field(description="temperature-calibrated softmax probability per class")
+    explained_class: str = Field(description="the class whose Grad-CAM map is drawn: the predicted one")
+    method: Literal["grad-cam"] = "grad-cam"
+    layer: str = Field(description="the layer whose activations Grad-CAM weighs (the last residual stage)")
+    heatmap_png: str = Field(description="base64 PNG: the heat map (jet colours, red = most evidence) over the "
+                                         "image as sent, at most 512 pixels on its long side; with `Accept: "
+                                         "image/png` the PNG is the whole answer")
+    heatmap_size: list[int] = Field(description="height, width of the PNG")
+    model_name: str
+    model_version: str
+    latency_ms: dict[str, float] = Field(description="cloud: the tier call; total: router time, in ms")
 
 
 class ErrorResponse(BaseModel):
@@ -166,6 +188,10 @@ PREDICT_ERRORS: dict[int, str] = {
 # Documented error answers of POST /detect (the same checks as /predict; 404 on a classifier app).
 DETECT_ERRORS: dict[int, str] = {**PREDICT_ERRORS, 404: "this app serves a classifier (POST /predict)",
                                  422: PREDICT_ERRORS[422] + ", a bad score_threshold or iou_threshold"}
+
+# Documented error answers of POST /explain (one image; the checks of /predict).
+EXPLAIN_ERRORS: dict[int, str] = {**PREDICT_ERRORS, 404: "this app serves a detector (POST /detect)",
+                                  422: PREDICT_ERRORS[422] + ", a JSON batch of more than one image"}
 
 # Documented error answers of POST /predict_signal.
 SIGNAL_ERRORS: dict[int, str] = {
