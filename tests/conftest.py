@@ -7,6 +7,7 @@ import socket
 import struct
 import time
 import zlib
+from pathlib import Path
 
 import pytest
 
@@ -52,9 +53,14 @@ def ray_address():
     starting their own instance.
     """
     import ray
+    import yaml
 
     from pipelines.runtime import remember_dashboard
 
+    # The environment params.yaml gives a local Ray (ray.env: Serve's HAProxy ingress...), as init_ray does.
+    for key, value in (yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["ray"]
+                       .get("env") or {}).items():
+        os.environ.setdefault(str(key), str(value))
     remember_dashboard(ray.init(num_cpus=2, resources={"edge": 1, "cloud": 1}, include_dashboard=True,
                                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING))
     import ray.data

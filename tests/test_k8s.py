@@ -267,7 +267,8 @@ def test_kustomize_renders_every_target(target):
     kinds = sorted((o["kind"], o["metadata"]["name"]) for o in objs)
     expected = [("RayCluster", "resops"), ("RayJob", "resops-pipeline"), ("RayService", "resops-serve")]
     if target != "base":
-        expected += [("ConfigMap", "resops-storage"), ("PersistentVolumeClaim", "resops-shared")]
+        expected += [("ConfigMap", "resops-serve-env"), ("ConfigMap", "resops-storage"),
+                     ("PersistentVolumeClaim", "resops-shared")]
     assert kinds == sorted(expected)
     for o in objs:  # build-time helpers never reach the cluster
         assert not o["metadata"].get("annotations", {}).get("config.kubernetes.io/local-config")
@@ -316,7 +317,10 @@ def test_kuberay_rules_the_schema_cannot_express(target):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_ray_pod_gets_the_image_storage_and_pod_defaults(overlay):
     objs = rendered(overlay)
-    storage = one(objs, "ConfigMap")["data"]
+    maps = {o["metadata"]["name"]: o["data"] for o in objs if o["kind"] == "ConfigMap"}
+    storage = maps["resops-storage"]
+    # Serve's HAProxy ingress in every pod, as params.yaml ray.env gives a local Ray
+    assert maps["resops-serve-env"] == yaml.safe_load((ROOT / "params.yaml").read_text())["ray"]["env"]
     pvc = one(objs, "PersistentVolumeClaim")
     assert pvc["spec"]["accessModes"] == ["ReadWriteMany"], "workers on several nodes share the volume"
     shared = storage["RESOPS_SHARED_DIR"]
@@ -336,7 +340,8 @@ def test_every_ray_pod_gets_the_image_storage_and_pod_defaults(overlay):
             assert volumes["dshm"]["emptyDir"]["medium"] == "Memory", where
             mounts = {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])}
             assert mounts == {"shared": shared, "dshm": "/dev/shm"}, where
-            assert c["envFrom"] == [{"configMapRef": {"name": "resops-storage"}}], where
+            assert c["envFrom"] == [{"configMapRef": {"name": "resops-storage"}},
+                                    {"configMapRef": {"name": "resops-serve-env"}}], where
             env = {e["name"]: e for e in c.get("env", [])}
             assert env["RESOPS_HOME"]["value"] == "/app", where
             token = env.get("RESOPS_API_TOKEN")

@@ -6,9 +6,10 @@ Captum computes it; this module picks the layer, turns the result into heat maps
 input's size, draws them over the image, and lays out the evaluate stage's grid.
 
 Every classifier of the model zoo (resnet18, se_resnet18, resnet18_simam, resnet18_k2) and the
-channel-pruned edge model are torchvision ResNets, so the layer is ``layer4`` for all of them (the
-output of the last stage: 1/32 of the input side; Grad-CAM's usual choice). The int8 ONNX edge model
-has no gradients: its explanation is the torch edge model's, the file it was quantized from.
+channel-pruned edge model are torchvision ResNets: the layer is the output of a residual stage,
+``layer4`` (Grad-CAM's usual choice) unless the input is so small that its map would have fewer than
+4 cells a side (:func:`cam_layer`). The int8 ONNX edge model has no gradients: its explanation is the
+torch edge model's, the file it was quantized from.
 """
 from __future__ import annotations
 
@@ -22,19 +23,31 @@ from torch import nn
 NORM_MEAN, NORM_STD = 127.5, 63.75  # components.augment.resize.normalise
 
 
-def cam_layer(model: nn.Module) -> nn.Module:
-    """The layer whose activations Grad-CAM weighs: the last residual stage (``layer4``)."""
+MIN_CAM_SIDE = 4  # a heat map of fewer cells per side shows little (ResNet18's layer4 at 64 px is 2 x 2)
+
+
+def cam_layer(model: nn.Module, input_size: int | None = None) -> tuple[str, nn.Module]:
+    """``(name, layer)`` whose activations Grad-CAM weighs: the deepest residual stage (``layer4``, then
+    ``layer3``, ``layer2``: 1/32, 1/16, 1/8 of the input side) whose map is at least ``MIN_CAM_SIDE``
+    cells on a side for an ``input_size`` input (None: ``layer4``, Grad-CAM's usual choice). At 224 px
+    that is layer4 (7 x 7); at the default 64 px, layer3 (4 x 4)."""
     m = getattr(model, "module", model)  # through a DDP wrapper
-    layer = getattr(m, "layer4", None)
-    if not isinstance(layer, nn.Module):
-        raise ValueError(f"Grad-CAM needs a ResNet-family classifier with a layer4 stage; got {type(m).__name__}")
-    return layer
+    stages = [(name, getattr(m, name, None), stride) for name, stride in (("layer4", 32), ("layer3", 16),
+                                                                          ("layer2", 8))]
+    if not all(isinstance(layer, nn.Module) for _, layer, _ in stages):
+        raise ValueError(f"Grad-CAM needs a ResNet-family classifier (layer2..layer4); got {type(m).__name__}")
+    for name, layer, stride in stages:
+        if input_size is None or input_size // stride >= MIN_CAM_SIDE:
+            return name, layer
+    return stages[-1][0], stages[-1][1]
 
 
-def gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None,
+            layer: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Heat maps and class probabilities of a float input batch ``x`` (N, C, H, W, normalised as in training).
 
     ``target``: the class to explain per image (an int or a length-N tensor); None: the predicted class.
+    ``layer``: the layer's name (``layer2``..``layer4``); None: :func:`cam_layer`'s choice for this input size.
     Returns ``(cams, probs)``: cams (N, H, W) float32 in [0, 1] (each map divided by its maximum; all
     zero when no location raises the class score), probs (N, K) the model's softmax.
     """
@@ -52,8 +65,10 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None
             target = probs.argmax(1)
         elif isinstance(target, int):
             target = torch.full((len(x),), target, dtype=torch.long)
+        module = (getattr(getattr(model, "module", model), layer) if layer
+                  else cam_layer(model, min(x.shape[-2:]))[1])
         with torch.enable_grad():
-            attr = LayerGradCam(model, cam_layer(model)).attribute(x, target=target, relu_attributions=True)
+            attr = LayerGradCam(model, module).attribute(x, target=target, relu_attributions=True)
         cams = LayerAttribution.interpolate(attr.detach().float(), tuple(x.shape[-2:]), interpolate_mode="bilinear")
     finally:
         model.train(was_training)
@@ -160,8 +175,9 @@ def gradcam_grid(model: nn.Module, batches, class_names: list[str], path: str | 
             ok = kind[i] == 1
             ax.set_title(f"{'ok' if ok else 'as ' + class_names[p][:14]} {probs[i, p]:.2f}", fontsize=7,
                          color="darkgreen" if ok else "firebrick")
-    fig.suptitle((title + "\n" if title else "") + f"Grad-CAM of the predicted class (rows: true class; left "
-                 f"{per_cell}: correct, right {per_cell}: wrong)", fontsize=9)
+    layer = cam_layer(model, min(x.shape[-2:]))[0]
+    fig.suptitle((title + "\n" if title else "") + f"Grad-CAM ({layer}) of the predicted class (rows: true class; "
+                 f"left {per_cell}: correct, right {per_cell}: wrong)", fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

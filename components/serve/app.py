@@ -345,7 +345,7 @@ class _Tier:
         see another request's forward pass)."""
         from components.data.images import decode_image
         from components.evaluate.calibration import softmax
-        from components.evaluate.explain import gradcam, overlay, png_bytes
+        from components.evaluate.explain import cam_layer, gradcam, overlay, png_bytes
 
         torch = self._torch
         x = self.preprocess(data)
@@ -364,7 +364,7 @@ class _Tier:
         return {"label": self.class_names[label], "label_index": label,
                 "probabilities": {n: float(v) for n, v in zip(self.class_names, probs)},
                 "explained_class": self.class_names[int(np.argmax(logits[0]))],
-                "method": "grad-cam", "layer": "layer4",
+                "method": "grad-cam", "layer": cam_layer(self.model, int(self.meta["image_size"]))[0],
                 "heatmap_png": png_bytes(overlay(image, cams[0])), "heatmap_size": list(image.shape[:2]),
                 "model_version": self.model_version, "model_name": str(self.meta["model_name"])}
 
@@ -630,7 +630,8 @@ class Router:
         result = await self.cloud.explain.remote(images[0])
         if "error" in result:
             self.metrics.refused(result["reason"])
-            return error(STATUS_OF_REASON[result["reason"]], result["error"])
+            where = "images[0]: " if ctype == "application/json" else ""  # as /predict names a JSON image
+            return error(STATUS_OF_REASON[result["reason"]], where + result["error"])
         latency = {"cloud": (time.perf_counter() - t) * 1000.0, "total": (time.perf_counter() - start) * 1000.0}
         if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""):
             from fastapi.responses import Response
