@@ -449,6 +449,8 @@ def main() -> None:
     ap.add_argument("--drain-seconds", type=float, default=120.0, help="how long the outbox may take to drain")
     ap.add_argument("--serve-env", action="append", default=[], metavar="KEY=VALUE",
                     help="environment of the Ray started for Serve, e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (repeatable)")
+    ap.add_argument("--no-params-env", action="store_true",
+                    help="do not apply params.yaml ray.env (Serve's HAProxy ingress) to the Ray started for Serve")
     ap.add_argument("--out", default=str(RESULTS / "serve.json"))
     ap.add_argument("--baseline-server", choices=["full", "edge"], help=argparse.SUPPRESS)  # internal: subprocess
     ap.add_argument("--baseline-model", help=argparse.SUPPRESS)
@@ -485,9 +487,16 @@ def main() -> None:
                              float(temps.get("edge", 1.0)), items, args)
     models, soak, outage = None, None, None
     if {RAY_SERVE, EDGE_RT} & set(args.systems):
-        for item in args.serve_env:  # read by Serve's processes when they start: set before ray.init
+        # The environment `resops serve` gives its local Ray (params.yaml ray.env: Serve's HAProxy
+        # ingress), then --serve-env on top; read by Serve's processes when they start: before ray.init.
+        import yaml
+
+        env_items = [] if args.no_params_env else [
+            f"{k}={v}" for k, v in (yaml.safe_load((ROOT / "params.yaml").read_text())["ray"].get("env") or {}).items()]
+        for item in env_items + args.serve_env:
             key, _, value = item.partition("=")
             os.environ[key] = value
+        args.serve_env = env_items + args.serve_env
         serve_rows, models, soak, outage = run_serve(config, items, args)
         rows += serve_rows
     checks = acceptance(rows, soak, outage)

@@ -161,7 +161,7 @@ def test_dvc_templates_fill_like_dvc_and_render_offline(inputs):
     for name in TEMPLATES:
         spec = fill(name, rows, x="fpr", y="tpr", title="ROC")
         text = json.dumps(spec)
-        assert "<DVC_METADATA" not in text and spec["data"]["values"] == rows
+        assert "<DVC_METRIC" not in text and spec["data"]["values"] == rows
         assert to_svg(spec).startswith("<svg")
     # dvc.yaml draws these files with these templates
     dvc = (ROOT / "dvc.yaml").read_text()

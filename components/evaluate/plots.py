@@ -112,9 +112,9 @@ def fill(template: str, rows: list[dict], *, x: str, y: str, title: str = "", x_
          y_label: str | None = None) -> dict:
     """A Vega-Lite spec: ``template``'s DVC anchors filled as ``dvc plots show`` fills them."""
     spec = json.loads(TEMPLATES[template].read_text())
-    values = {"<DVC_METADATA_DATA>": rows, "<DVC_METADATA_X>": x, "<DVC_METADATA_Y>": y,
-              "<DVC_METADATA_TITLE>": title, "<DVC_METADATA_X_LABEL>": x_label or x,
-              "<DVC_METADATA_Y_LABEL>": y_label or y}
+    values = {"<DVC_METRIC_DATA>": rows, "<DVC_METRIC_X>": x, "<DVC_METRIC_Y>": y,
+              "<DVC_METRIC_TITLE>": title, "<DVC_METRIC_X_LABEL>": x_label or x,
+              "<DVC_METRIC_Y_LABEL>": y_label or y}
 
     def walk(node):
         if isinstance(node, dict):

@@ -64,9 +64,9 @@ CHARTS = [  # (points file, DVC template, x, y, title, x label, y label)
     ("roc_full.json", "series_diagonal", "fpr", "tpr", "ROC per class, full model (one-vs-rest)",
      "false positive rate", "true positive rate"),
     ("pr_full.json", "series", "recall", "precision", "Precision-recall per class, full model", "recall", "precision"),
-    ("reliability.json", "series_diagonal", "confidence", "accuracy", "Reliability per tier, before and after "
-     "temperature scaling", "mean confidence in the bin", "accuracy in the bin"),
-    ("cascade.json", "series", "escalated", "accuracy", "Cascade trade-off (thresholds 0 to 1)",
+    ("reliability.json", "series_diagonal", "confidence", "accuracy", "Reliability, raw and temperature-scaled",
+     "mean confidence in the bin", "accuracy in the bin"),
+    ("cascade.json", "series", "escalated", "accuracy", "Cascade: accuracy against escalation",
      "share escalated to the cloud", "cascade accuracy"),
 ]
 
