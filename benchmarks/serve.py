@@ -10,7 +10,8 @@ Systems (each measured with the same requests, one after the other, never two at
 * ``fastapi-edge``: the same app running the int8 ONNX edge model in ONNX Runtime (1 thread).
 * ``ray-serve``: the app ``resops serve`` deploys, from the Serve config the ``calibrate`` stage
   writes (``--config``), deployed with ``components.serve.config.deploy_config`` (Serve's REST API)
-  on a local Ray started here (2 CPUs, the ``edge``/``cloud`` resources), modes edge, cloud, cascade.
+  on a local Ray started here (2 CPUs, the ``edge``/``cloud`` resources, the environment of
+  params.yaml ``ray.env`` as ``resops serve`` gives it, plus ``--serve-env``), modes edge, cloud, cascade.
 * ``resops-edge``: the device runtime (``resops-edge`` subprocess, the calibrate stage's bundle
   ``models/serve/edge``) with the Serve app as its cloud (``--cloud-url``), modes edge, cloud, cascade.
 
@@ -28,7 +29,8 @@ Then, with the Serve app still up:
 
 * soak: ``--soak-seconds`` (default 60) of cascade at 32 clients against ray-serve: 5xx count, p99;
 * outage: ``resops-edge`` in cascade mode at 8 clients while the cloud goes away: after a third of the
-  requests the Serve HTTP proxy process is killed (SIGKILL; Serve starts a new one). Every answer must
+  requests the cloud's front door is killed (SIGKILL: Serve's proxy actor, and with HAProxy ingress the
+  HAProxy manager and its haproxy processes; Serve starts them again). Every answer must
   be a 200 (degraded while the cloud is away) or a 4xx; afterwards the outbox must drain: every queued
   input resent (counted from ``GET /outbox``).
 
