@@ -27,10 +27,7 @@ def init_ray(params: Params):
         # machine the training worker then loses its cores to them often enough to train ~10 % slower.
         # Measured: 0.87x -> 0.96x of a plain loop on 2 cores (benchmarks/train_throughput.py).
         os.environ.setdefault("RAY_worker_niceness", str(int(params("ray.worker_niceness"))))
-        # Settings Ray's processes read when they start (e.g. Serve's ingress: RAY_SERVE_ENABLE_HA_PROXY);
-        # the caller's environment wins. A cluster takes them from `ray start`'s environment instead.
-        for key, value in (params("ray.env") or {}).items():
-            os.environ.setdefault(str(key), str(value))
+        apply_ray_env(params("ray.env"))
         context = ray.init(num_cpus=params("ray.num_cpus"), resources=dict(params("ray.resources") or {}),
                            include_dashboard=bool(params("ray.include_dashboard")), dashboard_port=_dashboard_port(),
                            logging_level=logging.WARNING)
@@ -39,6 +36,14 @@ def init_ray(params: Params):
     ctx.enable_progress_bars = False  # one readable line per epoch instead of redrawn bars
     ctx.print_on_execution_start = False
     return ray
+
+
+def apply_ray_env(env: dict | None) -> None:
+    """params ``ray.env`` into this process's environment, for the local Ray it is about to start: settings
+    Ray's processes read when they start (e.g. Serve's ingress: RAY_SERVE_ENABLE_HA_PROXY). The caller's
+    environment wins. A cluster takes them from `ray start`'s environment instead."""
+    for key, value in (env or {}).items():
+        os.environ.setdefault(str(key), str(value))
 
 
 def remember_dashboard(context, mine: bool = True) -> None:

@@ -31,6 +31,11 @@ REPORT_DIR = Path("reports/report")
 SERVE_DIR = Path("models/serve")
 
 
+def _read_json(path: Path) -> dict | None:
+    """A stage output's JSON, or None when the pipeline did not write it."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
@@ -453,7 +458,7 @@ def evaluate(p: Params) -> dict:
 
     torch.set_num_threads(p("train.threads_per_worker"))
     tta = p("evaluate.tta")
-    results, pictures, details, curves = {}, {}, {}, {}
+    results, pictures, details = {}, {}, {}
     REPORTS.mkdir(parents=True, exist_ok=True)
     edge = edge_files()
     candidates = [("full", TRAIN_MODEL), ("pruned", edge["edge"])]
@@ -486,9 +491,8 @@ def evaluate(p: Params) -> dict:
         if name == "full":  # the promoted (cloud) model's curves, per class
             from components.evaluate.plots import pr_rows, roc_rows, write_points
 
-            curves[name] = {"roc": roc_rows(y, proba, meta["class_names"]), "pr": pr_rows(y, proba, meta["class_names"])}
-            write_points(PLOTS / "roc_full.json", curves[name]["roc"])
-            write_points(PLOTS / "pr_full.json", curves[name]["pr"])
+            write_points(PLOTS / "roc_full.json", roc_rows(y, proba, meta["class_names"]))
+            write_points(PLOTS / "pr_full.json", pr_rows(y, proba, meta["class_names"]))
         confusion_png(m["confusion_matrix"], meta["class_names"], f"{name} model, test split", REPORTS / f"confusion_{name}.png")
         pictures[f"Confusion matrix, {name} model"] = f"confusion_{name}.png"
         per_cell = int(p("evaluate.gradcam_per_cell"))
@@ -581,11 +585,11 @@ def _model_card(p: Params, files: dict, cal: dict) -> dict:
 
     promoted = json.loads((PROMOTED / "model.json").read_text())
     meta = load_payload(files["full"])["meta"]
-    read = lambda name: json.loads((METRICS / name).read_text()) if (METRICS / name).exists() else None  # noqa: E731
     return model_card(version=promoted["version"], model={**meta, "head": p("model.head")},
                       data={**load_report(PREPARED), "dvc_md5": dvc_out_hash("dvc.lock", PREPARED.as_posix())},
-                      evaluation=read("evaluate.json"), calibration=cal, prune=read("prune.json"),
-                      train=read("train.json"), git_revision=git_revision())
+                      evaluation=_read_json(METRICS / "evaluate.json"), calibration=cal,
+                      prune=_read_json(METRICS / "prune.json"), train=_read_json(METRICS / "train.json"),
+                      git_revision=git_revision())
 
 
 def calibrate(p: Params) -> dict:
@@ -678,12 +682,11 @@ def report(p: Params) -> dict:
     from components.data.prepare import load_report
     from components.evaluate.report import write_report
 
-    read = lambda path: json.loads(path.read_text()) if path.exists() else None  # noqa: E731
-    card = read(SERVE_DIR / "model_card.json")
-    train = read(METRICS / "train.json") or {}
+    train = _read_json(METRICS / "train.json") or {}
     path = write_report(REPORT_DIR, evaluation=REPORTS / "evaluation.json", plots_dir=PLOTS,
-                        prepared_report=load_report(PREPARED), promoted=read(PROMOTED / "model.json"),
-                        calibration=read(SERVE_DIR / "calibration.json"), model_card=card,
+                        prepared_report=load_report(PREPARED), promoted=_read_json(PROMOTED / "model.json"),
+                        calibration=_read_json(SERVE_DIR / "calibration.json"),
+                        model_card=_read_json(SERVE_DIR / "model_card.json"),
                         model_name=str(p("model.name")) + (f", selected epoch {train['selected_epoch']}"
                                                            if train.get("selected_epoch") else ""),
                         extra_pictures={"GAN samples per class: real (left) and generated (right)":

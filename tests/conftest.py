@@ -53,14 +53,12 @@ def ray_address():
     starting their own instance.
     """
     import ray
-    import yaml
 
-    from pipelines.runtime import remember_dashboard
+    from pipelines.params import load_params
+    from pipelines.runtime import apply_ray_env, remember_dashboard
 
     # The environment params.yaml gives a local Ray (ray.env: Serve's HAProxy ingress...), as init_ray does.
-    for key, value in (yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())["ray"]
-                       .get("env") or {}).items():
-        os.environ.setdefault(str(key), str(value))
+    apply_ray_env(load_params(Path(__file__).resolve().parents[1] / "params.yaml")("ray.env"))
     remember_dashboard(ray.init(num_cpus=2, resources={"edge": 1, "cloud": 1}, include_dashboard=True,
                                 _node_ip_address="127.0.0.1", logging_level=logging.WARNING))
     import ray.data

@@ -178,9 +178,7 @@ def gradcam_grid(model: nn.Module, batches, class_names: list[str], path: str | 
     layer = cam_layer(model, min(x.shape[-2:]))[0]
     fig.suptitle((title + "\n" if title else "") + f"Grad-CAM ({layer}) of the predicted class (rows: true class; "
                  f"left {per_cell}: correct, right {per_cell}: wrong)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    from components.evaluate.report import save_figure
+
+    save_figure(fig, path)
     return shown

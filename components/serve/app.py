@@ -343,17 +343,16 @@ class _Tier:
     def _explain(self, data: bytes, max_side: int) -> dict:
         """Grad-CAM of one image (runs on the forward thread: Captum's hooks on the model must not
         see another request's forward pass)."""
+        from components.augment.resize import validation_tensor
         from components.data.images import decode_image
         from components.evaluate.calibration import softmax
         from components.evaluate.explain import cam_layer, gradcam, overlay, png_bytes
 
-        torch = self._torch
-        x = self.preprocess(data)
-        cams, _ = gradcam(self.model, torch.from_numpy(x[None]))
-        with torch.inference_mode():
-            logits = self.model(torch.from_numpy(x[None]).contiguous(memory_format=torch.channels_last)).float().numpy()
-        probs = softmax(logits, self.temperature)[0]
-        image = decode_image(data, int(self.meta["in_chans"]), self.max_image_pixels)
+        image = decode_image(data, int(self.meta["in_chans"]), self.max_image_pixels)  # once: input and overlay
+        x = validation_tensor(image, int(self.meta["image_size"]))
+        cams, raw = gradcam(self.model, self._torch.from_numpy(x[None]))
+        # log-softmax is the logits up to a constant: the tier's temperature applies to it as to the logits
+        probs = softmax(np.log(np.maximum(raw, 1e-30)), self.temperature)[0]
         h, w = image.shape[:2]
         if max(h, w) > max_side:  # drawn over the image as sent, at most max_side pixels on its long side
             import cv2
@@ -363,7 +362,7 @@ class _Tier:
         label = int(np.argmax(probs))
         return {"label": self.class_names[label], "label_index": label,
                 "probabilities": {n: float(v) for n, v in zip(self.class_names, probs)},
-                "explained_class": self.class_names[int(np.argmax(logits[0]))],
+                "explained_class": self.class_names[int(np.argmax(raw[0]))],
                 "method": "grad-cam", "layer": cam_layer(self.model, int(self.meta["image_size"]))[0],
                 "heatmap_png": png_bytes(overlay(image, cams[0])), "heatmap_size": list(image.shape[:2]),
                 "model_version": self.model_version, "model_name": str(self.meta["model_name"])}
@@ -633,7 +632,8 @@ class Router:
             where = "images[0]: " if ctype == "application/json" else ""  # as /predict names a JSON image
             return error(STATUS_OF_REASON[result["reason"]], where + result["error"])
         latency = {"cloud": (time.perf_counter() - t) * 1000.0, "total": (time.perf_counter() - start) * 1000.0}
-        if "image/png" in request.headers.get("accept", "") and "application/json" not in request.headers.get("accept", ""):
+        accept = request.headers.get("accept", "")
+        if "image/png" in accept and "application/json" not in accept:
             from fastapi.responses import Response
 
             return Response(content=result["heatmap_png"], media_type="image/png",
