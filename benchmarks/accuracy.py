@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from components.progress import bar  # noqa: E402
 from pipelines.presets import load_preset, set_arguments  # noqa: E402
 from benchmarks.common import (ROOT, RESULTS, environment_info, evaluate_model_file, fmt_mean_std, markdown_table,  # noqa: E402
                                mean_std, parse_ints, say, setup_environment, start_ray, stop_ray, write_json)
@@ -268,29 +269,28 @@ def main() -> None:
     result = json.loads(out.read_text()) if args.resume and out.exists() else {}
     runs = result.get("runs", {})
     result.setdefault("environment_first_run", environment_info())
-    for arm in arms:
-        arm_seeds = seeds if arm in ("plain@30", "quality") else short_seeds
-        for seed in arm_seeds:
-            key = f"{arm}|{seed}"
-            if key in runs:
-                say(f"{key}: kept from {out}")
-                continue
-            say(f"{key}: running")
-            t0 = time.perf_counter()
-            if arm.startswith("plain@"):
-                r = run_plain(float(arm.split("@", 1)[1]) * args.scale, seed)
-                r["arm"] = arm
-            else:
-                r = run_resops(arm, seed, work, args.scale)
-            r["scale"] = args.scale
-            r["environment"] = environment_info()
-            r["wall_minutes"] = (time.perf_counter() - t0) / 60
-            runs[key] = r
-            result.update(benchmark="accuracy", dataset="elpv 4class, split seed 42 (test 656)", runs=runs,
-                          summary=summarise(runs))
-            write_json(out, result)
-            say(f"{key}: accuracy {r['accuracy']:.3f}  balanced {r['balanced_accuracy']:.3f}  "
-                f"macro-F1 {r['macro_f1']:.3f}  ({r['training_minutes']:.1f} training minutes)")
+    todo = [(arm, seed) for arm in arms for seed in (seeds if arm in ("plain@30", "quality") else short_seeds)]
+    for arm, seed in bar(todo, desc="accuracy", unit="run"):
+        key = f"{arm}|{seed}"
+        if key in runs:
+            say(f"{key}: kept from {out}")
+            continue
+        say(f"{key}: running")
+        t0 = time.perf_counter()
+        if arm.startswith("plain@"):
+            r = run_plain(float(arm.split("@", 1)[1]) * args.scale, seed)
+            r["arm"] = arm
+        else:
+            r = run_resops(arm, seed, work, args.scale)
+        r["scale"] = args.scale
+        r["environment"] = environment_info()
+        r["wall_minutes"] = (time.perf_counter() - t0) / 60
+        runs[key] = r
+        result.update(benchmark="accuracy", dataset="elpv 4class, split seed 42 (test 656)", runs=runs,
+                      summary=summarise(runs))
+        write_json(out, result)
+        say(f"{key}: accuracy {r['accuracy']:.3f}  balanced {r['balanced_accuracy']:.3f}  "
+            f"macro-F1 {r['macro_f1']:.3f}  ({r['training_minutes']:.1f} training minutes)")
     if not runs:
         say("no runs")
         return

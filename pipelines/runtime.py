@@ -33,9 +33,20 @@ def init_ray(params: Params):
                            logging_level=logging.WARNING)
     remember_dashboard(context, mine=not address)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # one readable line per epoch instead of redrawn bars
+    ctx.enable_progress_bars = data_progress_bars(params("ray.data_progress_bars"))
     ctx.print_on_execution_start = False
     return ray
+
+
+def data_progress_bars(setting) -> bool:
+    """params ``ray.data_progress_bars``: true | false, or auto = where resops draws its own bars (a terminal)."""
+    from components.progress import enabled
+
+    if setting == "auto":
+        return enabled()
+    if not isinstance(setting, bool):
+        raise ValueError(f"ray.data_progress_bars must be auto, true or false, got {setting!r}")
+    return setting
 
 
 def apply_ray_env(env: dict | None) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path, PurePosixPath
 
 import pandas as pd
 
+from components.progress import bar
 from pipelines.params import Params
 from pipelines.runtime import init_ray
 
@@ -345,6 +346,8 @@ def _finetune(p: Params, model, meta: dict, teacher, epochs: int, label: str) ->
     for epoch in range(epochs):
         batches = _batches(p, REBALANCED / "shards", None, p("augment.policy") if p("augment.online") else None,
                            meta, p("train.batch_size"))
+        batches = bar(batches, desc=f"prune fine-tune ({label}) {epoch + 1}/{epochs}", unit="batch",
+                      total=p("prune.finetune_max_steps"))
         r = finetune_epoch(model, batches, opt, loss, torch.device("cpu"), max_steps=p("prune.finetune_max_steps"),
                            precision=precision)
         n = max(1, r["samples"])
@@ -466,7 +469,8 @@ def evaluate(p: Params) -> dict:
         candidates.append(("int8", edge["edge_int8"]))
     _, meta = load_model(TRAIN_MODEL)
     for name, path in candidates:
-        batches = _batches(p, PREPARED / "shards", "test", None, meta, p("evaluate.batch_size"))
+        batches = bar(_batches(p, PREPARED / "shards", "test", None, meta, p("evaluate.batch_size")),
+                      desc=f"evaluate ({name})", unit="batch")
         if name == "int8":
             from components.prune import OnnxClassifier
 
@@ -552,7 +556,8 @@ def _split_logits(p: Params, split: str, cloud_path: Path, edge_path: Path, edge
         onnx = OnnxClassifier(edge_onnx, threads=p("train.threads_per_worker"))
     out = {"cloud": [], "edge": [], "labels": []}
     with torch.inference_mode():
-        for b in _batches(p, PREPARED / "shards", split, None, meta, p("evaluate.batch_size")):
+        for b in bar(_batches(p, PREPARED / "shards", split, None, meta, p("evaluate.batch_size")),
+                     desc=f"calibrate ({split})", unit="batch"):
             x = b["image"].contiguous(memory_format=torch.channels_last)
             out["cloud"].append(cloud(x).float().numpy())
             out["edge"].append(onnx.logits(b["image"].numpy()) if onnx is not None else edge(x).float().numpy())

@@ -90,7 +90,7 @@ def project(tmp_path_factory, ray_address):
 @pytest.fixture(scope="module")
 def repro(project):
     proj, env = project
-    out = _run(["dvc", "repro"], proj, env)
+    out = _run(["dvc", "repro"], proj, dict(env, RESOPS_PROGRESS="on"))  # bars as on a terminal (checked below)
     return proj, env, out
 
 
@@ -98,6 +98,10 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     proj, env, out = repro
     for stage in STAGES:
         assert f"Running stage '{stage}'" in out, f"stage {stage} did not run:\n{out[-3000:]}"
+    # RESOPS_PROGRESS=on (the repro fixture) draws into this log the bars a terminal shows: the driver's
+    # bar of the Ray Train loop, and those of the loops in the stage processes
+    for drawn in ("prepare: 100%|", "train: 100%|", "prune fine-tune (", "evaluate (full)", "calibrate ("):
+        assert drawn in out, f"no {drawn!r} progress bar:\n{out[-3000:]}"
     report = json.loads((proj / "data/prepared/report.json").read_text())
     assert report["num_prepared"] == 160 and len(list((proj / "data/prepared/shards").glob("*.parquet"))) >= 1
     train = json.loads((proj / "metrics/train.json").read_text())
@@ -329,11 +333,14 @@ def test_gan_rows_and_an_unstructured_sparse_edge_model_end_to_end(repro):
     (One experiment for both: each `dvc exp run` through train costs minutes on 2 cores.)"""
     proj, env, _ = repro
     _commit(proj, env)
+    # RESOPS_PROGRESS=on: the GAN's Ray Train loop has its bar on the driver too
     out = _run(["dvc", "exp", "run", "-S", "model.name=resnet18", "-S", "rebalance.strategy=gan",
                 "-S", "rebalance.target_ratio=1.0", "-S", "train.epochs=1", "-S", "prune.method=unstructured",
-                "-S", "prune.sparsity=0.5", "-S", "prune.quantize.enabled=false"], proj, env)
+                "-S", "prune.sparsity=0.5", "-S", "prune.quantize.enabled=false"], proj, dict(env, RESOPS_PROGRESS="on"))
     ran = [s for s in STAGES if f"Running stage '{s}'" in out]
     assert ran == ["gan", "rebalance", *AFTER_TRAIN], out[-3000:]
+    for drawn in ("gan: 100%|", "train: 100%|"):
+        assert drawn in out, f"no {drawn!r} progress bar:\n{out[-3000:]}"
     gan = json.loads((proj / "metrics/gan.json").read_text())
     assert gan["enabled"] and gan["epochs"] == 2 and gan["quality"]["fd"] >= 0
     assert (proj / "reports/gan/samples.png").stat().st_size > 0

@@ -14,6 +14,7 @@ from sklearn.model_selection import train_test_split
 from components.data.images import ImageDecodeError, decode_image
 from components.data.shards import write_shards
 from components.data.sources import get_source
+from components.progress import bar
 
 SPLITS = ("train", "val", "test")
 
@@ -103,7 +104,8 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task
     frame = records.frame.reset_index(drop=True)
 
     with ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda rel: _inspect(raw_dir, rel, in_chans, max_image_pixels), frame["path"]))
+        results = list(bar(pool.map(lambda rel: _inspect(raw_dir, rel, in_chans, max_image_pixels), frame["path"]),
+                           total=len(frame), desc="prepare", unit="img"))
     frame["image"] = [r[0] for r in results]
     frame["sha256"] = [r[1] for r in results]
     frame["width"] = [r[2] for r in results]

@@ -43,6 +43,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from components import storage as _storage
 from components.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
+from components.progress import RemoteBar, post
 
 GENERATOR_FILE = "generator.pt"
 STATE_FILE = "gan_state.pt"
@@ -257,6 +258,7 @@ def gan_loop_per_worker(cfg: dict) -> None:
     data = ray.get(cfg["data"]) if isinstance(cfg["data"], ray.ObjectRef) else cfg["data"]
     images, labels = data["images"], data["labels"]
     steps, bs, zd = int(cfg["steps_per_epoch"]), int(cfg["batch_size"]), int(cfg["z_dim"])
+    board, posted = (cfg.get("progress_board") if rank == 0 else None), 0.0  # the driver's bar (components.progress)
     for epoch in range(start, int(cfg["epochs"])):
         gen.train()
         disc.train()
@@ -286,6 +288,9 @@ def gan_loop_per_worker(cfg: dict) -> None:
             loss_g.backward()
             opt_g.step()
             done += 1
+            if board is not None and time.perf_counter() - posted >= 0.5:
+                posted = time.perf_counter()
+                post(board, (epoch * steps + done) / (int(cfg["epochs"]) * steps), f"epoch {epoch + 1}/{cfg['epochs']}")
             sums += [len(y), float(loss_d) * len(y), float(loss_g) * len(y),
                      float((real_logits > 0).float().sum()), float((fake_logits < 0).float().sum())]
         t = torch.as_tensor(sums, dtype=torch.float64)
@@ -378,16 +383,17 @@ def train_gan(frame_or_shards: pd.DataFrame | str | os.PathLike | Sequence[str],
     name = run_name or gan_run_name(cfg, digest)
     storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...)
     cfg["data"] = ray.put({"images": images, "labels": labels})
-    trainer = TorchTrainer(
-        gan_loop_per_worker, train_loop_config=cfg,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=False,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=name, **_storage.ray_storage(storage),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
-    )
-    result = trainer.fit()
+    with RemoteBar("gan") as board:  # a bar on the driver's terminal (None: no terminal, no bar)
+        trainer = TorchTrainer(
+            gan_loop_per_worker, train_loop_config=dict(cfg, progress_board=board) if board is not None else cfg,
+            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=False,
+                                                   resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=name, **_storage.ray_storage(storage),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints)),
+        )
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"GAN run {name} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:

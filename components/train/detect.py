@@ -24,6 +24,7 @@ import torch
 from components.models.checkpoint import unwrap
 from components.models.detector import YoloLoss, decode, postprocess
 from components.models.registry import create_model
+from components.progress import post
 from components.train.loop import _WandbSink, progress, report_epoch, restore_checkpoint
 from components.train.precision import autocast, grad_scaler, resolve_precision
 
@@ -147,6 +148,8 @@ def detect_loop_per_worker(cfg: dict) -> None:
     warmup = int(cfg.get("warmup_steps", 50))
     dtypes = {"image": torch.float32, "targets": torch.float32, "orig_size": torch.int64}
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    board, posted = (cfg.get("progress_board") if rank == 0 else None), 0.0  # the driver's bar (components.progress)
+    steps_per_epoch = max(1, int(cfg.get("train_rows", 0)) // world // int(cfg["batch_size"]))
     for epoch in range(start_epoch, epochs):
         model.train()
         t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, np.zeros(3)
@@ -169,6 +172,9 @@ def detect_loop_per_worker(cfg: dict) -> None:
             if scaler is not None:
                 scaler.update()
             step += 1
+            if board is not None and time.perf_counter() - posted >= 0.5:
+                posted = time.perf_counter()
+                post(board, min(1.0, step / (epochs * steps_per_epoch)), f"epoch {epoch + 1}/{epochs}")
             seen += len(x)
             loss_sum += float(loss.detach()) * len(x)
             parts_sum += np.array([parts["box"], parts["obj"], parts["cls"]]) * len(x)

@@ -16,6 +16,7 @@ from components.evaluate.metrics import summary_from_confusion
 from components.models.checkpoint import save_model, unwrap
 from components.models.registry import create_model
 from components.models.transfer import backbone_parameters, head_parameters, load_pretrained
+from components.progress import post
 from components.train.precision import autocast, describe, grad_scaler, resolve_precision
 
 MODEL_FILE = "model.pt"
@@ -165,7 +166,7 @@ class _WandbSink:
         Path(wb.get("dir", "wandb")).mkdir(parents=True, exist_ok=True)
         self.run = wandb.init(project=wb.get("project", "resops"), mode=wb.get("mode", "offline"),
                               dir=wb.get("dir"), id=cfg["run_name"], resume="allow", name=cfg["run_name"],
-                              config={k: v for k, v in cfg.items() if k not in ("wandb", "class_weights")},
+                              config={k: v for k, v in cfg.items() if k not in ("wandb", "class_weights", "progress_board")},
                               settings=wandb.Settings(console="off", x_disable_stats=True))
 
     def log(self, metrics: dict, step: int) -> None:
@@ -312,9 +313,18 @@ def train_loop_per_worker(cfg: dict) -> None:
     total_steps = max(1, epochs * steps_per_epoch)
     budget = float(cfg["budget_minutes"]) * 60 if cfg.get("budget_minutes") else None
     schedule, warmup = cfg.get("schedule", "cosine"), float(cfg.get("warmup", 0.0))
-    after_step = (lambda: ema.update_parameters(unwrap(model))) if ema is not None else None
     k = cfg["num_classes"]
-    clock = {"epoch_start": None}  # set while an epoch runs: its time so far counts towards the budget
+    clock = {"epoch_start": None, "posted": 0.0}  # epoch_start: set while an epoch runs (its time counts
+    # towards the budget); posted: when the driver's progress bar was last told (components.progress)
+    board = cfg.get("progress_board") if rank == 0 else None
+
+    def after_step() -> None:
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
+        if board is not None and time.perf_counter() - clock["posted"] >= 0.5:
+            clock["posted"] = time.perf_counter()
+            post(board, run_progress(), f"epoch {epoch + 1}/{epochs}" + (f", val_f1 {history[-1]['val_macro_f1']:.3f}"
+                                                                            if history else ""))
 
     def run_progress() -> float:
         done = step / total_steps

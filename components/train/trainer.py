@@ -14,6 +14,7 @@ from components.augment.operator import AugmentOperator
 from components.data.images import DEFAULT_MAX_PIXELS
 from components.data.shards import shard_files
 from components.models.registry import model_task
+from components.progress import RemoteBar
 from components.train.loop import MODEL_FILE, STATE_FILE, train_loop_per_worker
 
 _OPERATORS: dict[tuple, AugmentOperator] = {}
@@ -117,8 +118,7 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         cfg.update(train_files=[str(Path(f).resolve()) for f in shard_files(train_dir)],
                    val_files=[str(Path(f).resolve()) for f in shard_files(val_dir)], max_pixels=DEFAULT_MAX_PIXELS)
     else:
-        if loop is train_loop_per_worker:  # the streamed schedule's steps per epoch
-            cfg["train_rows"] = count_rows(train_dir)
+        cfg["train_rows"] = count_rows(train_dir)  # the streamed schedule's (and the progress bar's) steps per epoch
         datasets = {
             "train": make_dataset(train_dir, None, policy=online_policy, seed=cfg["seed"], **common),
             "val": make_dataset(val_dir, "val", policy=None, seed=None, **common),
@@ -126,16 +126,17 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
     score = {} if select_by == "last" else dict(checkpoint_score_attribute=select_by,
                                                 checkpoint_score_order="min" if select_by == "val_loss" else "max")
     storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...): Ray Train handles both
-    trainer = TorchTrainer(
-        loop, train_loop_config=cfg, datasets=datasets,
-        scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=cfg["run_name"], **_storage.ray_storage(storage),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints, **score)),
-    )
-    result = trainer.fit()
+    with RemoteBar("train") as board:  # a bar on the driver's terminal (None: no terminal, no bar)
+        trainer = TorchTrainer(
+            loop, train_loop_config=dict(cfg, progress_board=board) if board is not None else cfg, datasets=datasets,
+            scaling_config=ray.train.ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": cpus_per_worker}),
+            run_config=ray.train.RunConfig(
+                name=cfg["run_name"], **_storage.ray_storage(storage),
+                failure_config=ray.train.FailureConfig(max_failures=max_failures),
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=keep_checkpoints, **score)),
+        )
+        result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training run {cfg['run_name']} finished without a checkpoint")
     with result.checkpoint.as_directory() as d:  # the latest: its state holds the whole history
