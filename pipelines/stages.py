@@ -73,8 +73,14 @@ def prepare(p: Params) -> dict:
                           test_size=p("data.test_size"), val_size=p("data.val_size"), seed=p("seed"),
                           skip_corrupt=p("data.skip_corrupt"), rows_per_shard=p("data.rows_per_shard"),
                           max_image_pixels=p("data.max_image_pixels"))
+    from components.data.images import save_class_grid
+    from components.data.shards import read_shards
+
+    save_class_grid(read_shards(PREPARED / "shards", split="train"), res.report["class_names"], PREPARED / "samples.png",
+                    title=f"{name} ({p('data.task')}): training images per class (count)", in_chans=p("data.in_chans"),
+                    seed=p("seed"), max_pixels=p("data.max_image_pixels"))
     _say(f"prepare: {res.report['num_prepared']} images, {len(res.report['corrupt'])} corrupt, "
-         f"counts {res.report['counts']}")
+         f"counts {res.report['counts']}; examples per class in {PREPARED / 'samples.png'}")
     return res.report
 
 
@@ -176,6 +182,15 @@ def gan(p: Params) -> dict:
         _write_json(GAN_DIR / "gan.json", report)
         _write_json(METRICS / "gan.json", report)
         (GAN_REPORTS / "README.txt").write_text("No GAN: rebalance.strategy does not use it.\n")
+        from components.data.images import save_class_grid
+        from components.data.prepare import load_report
+        from components.data.shards import read_shards
+
+        # the picture `dvc plots show` lists under GAN samples: what a generator would be judged against
+        save_class_grid(read_shards(PREPARED / "shards", split="train"), load_report(PREPARED)["class_names"],
+                        GAN_REPORTS / "samples.png", title=f"no generator ({report['reason']}): real training "
+                        "images per class", in_chans=p("data.in_chans"), seed=p("seed"),
+                        max_pixels=p("data.max_image_pixels"))
         _say(f"gan: skipped ({report['reason']})")
         return report
 
@@ -694,11 +709,19 @@ def report(p: Params) -> dict:
                         model_card=_read_json(SERVE_DIR / "model_card.json"),
                         model_name=str(p("model.name")) + (f", selected epoch {train['selected_epoch']}"
                                                            if train.get("selected_epoch") else ""),
-                        extra_pictures={"GAN samples per class: real (left) and generated (right)":
-                                        GAN_REPORTS / "samples.png",
-                                        "Scalograms per class (EEG, CWT)": PREPARED / "scalograms.png"})
+                        extra_pictures=_extra_pictures(p))
     _say(f"report: {path} ({len(list(REPORT_DIR.iterdir()))} files; open it in a browser, no network needed)")
     return {"report": str(path)}
+
+
+def _extra_pictures(p: Params) -> dict:
+    """The report's pictures of the data: the prepared inputs per class (CWT scalograms for EEG), and the
+    GAN's samples beside real images when a generator was trained."""
+    pictures = {("Scalograms per class (EEG, CWT)" if p("data.dataset") in EEG_DATASETS else
+                 "Training images per class"): PREPARED / "samples.png"}
+    if (_read_json(GAN_DIR / "gan.json") or {}).get("enabled"):
+        pictures["GAN samples per class: real (left) and generated (right)"] = GAN_REPORTS / "samples.png"
+    return pictures
 
 
 STAGES = {f.__name__: f for f in (ingest, prepare, augment, gan, rebalance, train, prune, evaluate, promote,

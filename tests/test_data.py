@@ -375,3 +375,18 @@ def test_encode_png_round_trip():
     assert (decode_image(encode_png(arr)) == arr).all()
     rgb = np.random.default_rng(2).integers(0, 256, (9, 11, 3), dtype=np.uint8)
     assert (decode_image(encode_png(rgb), in_chans=3) == rgb).all()
+
+
+def test_class_grid_shows_each_class_on_its_own_row(tmp_path):
+    """prepare's samples.png: row c holds images of class c only (dark class 0, bright class 1 here)."""
+    from components.data.images import save_class_grid
+
+    frame = pd.DataFrame({"image": [encode_png(np.full((30, 30), v, np.uint8)) for v in [10] * 5 + [240] * 3],
+                          "label": [0] * 5 + [1] * 3})
+    path = save_class_grid(frame, ["dark", "bright"], tmp_path / "grid.png", title="t", per_class=4, cell=16)
+    img = np.asarray(Image.open(path).convert("L"), dtype=float)
+    pad, label_w, head, cell = 4, 140, 20, 16
+    assert img.shape == (head + 2 * (cell + pad) + pad, label_w + 4 * (cell + pad) + pad)
+    tile = lambda row, col: img[head + row * (cell + pad):][:cell, label_w + col * (cell + pad):][:, :cell]  # noqa: E731
+    assert all(tile(0, j).mean() < 20 for j in range(4))  # four of the five dark images
+    assert all(tile(1, j).mean() > 230 for j in range(3)) and tile(1, 3).mean() == 255  # three bright, then blank

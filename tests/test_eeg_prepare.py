@@ -39,7 +39,7 @@ def test_windows_split_by_recording_and_reassembled_only_in_train(recordings, tm
     assert fake["label"].value_counts().to_dict() == {0: 5, 1: 5, 2: 5}
     assert res.report["reassembled"] == {"normal": 5, "interictal": 5, "ictal": 5}
     assert res.report["recordings"]["train"] + res.report["recordings"]["val"] + res.report["recordings"]["test"] == 24
-    assert (tmp_path / "prepared" / "scalograms.png").stat().st_size > 0
+    assert (tmp_path / "prepared" / "samples.png").stat().st_size > 0
 
 
 def test_shards_hold_scalogram_pngs_like_the_image_pipeline(recordings, tmp_path):

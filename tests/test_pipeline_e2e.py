@@ -172,7 +172,7 @@ def test_dvc_plots_show_draws_every_plot_offline(repro, tmp_path):
     spec = yaml.safe_load((proj / "dvc.yaml").read_text())["plots"]
     titles = [next(iter(p)) for p in spec if isinstance(p, dict)]
     images = [p for p in spec if isinstance(p, str)]
-    assert len(titles) == 6 and len(images) == 4
+    assert len(titles) == 6 and len(images) == 6  # confusion x2, Grad-CAM x2, samples per class, GAN samples
     for title in titles:
         assert json.dumps(title)[1:-1] in html, title
     assert html.count("vegaEmbed(") >= len(titles)
@@ -390,7 +390,7 @@ def test_eeg_pipeline_runs_end_to_end_on_synthetic_signals(repro):
     assert report["num_recordings"] == 20  # 4 per Bonn set, 5 sets
     assert report["reassembled"] == {"normal": 4, "interictal": 4, "ictal": 4}
     assert report["num_prepared"] == 20 * 4 + 12  # 4 windows of 1024 per 4097-sample recording
-    assert (proj / "data/prepared/scalograms.png").stat().st_size > 0
+    assert (proj / "data/prepared/samples.png").stat().st_size > 0
     ev = json.loads((proj / "metrics/evaluate.json").read_text())
     assert ev["full"]["num_samples"] == sum(report["counts"]["test"].values())
     from components.models import load_model

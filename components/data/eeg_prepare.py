@@ -64,7 +64,7 @@ def prepare_eeg(ds: EEGDataset, out_dir: str | Path, *, dataset: str, task: str,
                 reassemble_per_class: int = 0, parts: int = 4, cwt: dict | None = None, test_size: float = 0.25,
                 val_size: float = 0.15, seed: int = 42, rows_per_shard: int = 512, use_ray: bool = False,
                 cpus_per_task: float = 0.5, examples_per_class: int = 3) -> PrepareResult:
-    """Write ``out_dir/shards``, ``manifest.parquet``, ``report.json`` and ``scalograms.png`` for ``ds``."""
+    """Write ``out_dir/shards``, ``manifest.parquet``, ``report.json`` and ``samples.png`` for ``ds``."""
     cwt = dict(cwt or {})
     out_dir = Path(out_dir)
     split = split_by_group(ds.records, test_size, val_size, seed)  # by recording, before windowing
@@ -92,7 +92,7 @@ def prepare_eeg(ds: EEGDataset, out_dir: str | Path, *, dataset: str, task: str,
     real = ds.signals
     examples = save_example_scalograms({name: real[ds.labels == k][:examples_per_class]
                                         for k, name in enumerate(ds.class_names) if (ds.labels == k).any()},
-                                       ds.fs, out_dir / "scalograms.png", title=f"{dataset} ({task})",
+                                       ds.fs, out_dir / "samples.png", title=f"{dataset} ({task})",
                                        **{k: v for k, v in cwt_kwargs(cwt).items() if k != "out_size"})
     counts = {s: {ds.class_names[k]: int(v) for k, v in sorted(manifest.loc[manifest.split == s, "label"].value_counts().items())}
               for s in SPLITS}

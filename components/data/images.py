@@ -59,3 +59,33 @@ def encode_png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
+
+
+def save_class_grid(frame, class_names: list[str], out_path, *, title: str = "", per_class: int = 8,
+                    cell: int = 64, in_chans: int = 1, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
+    """A PNG for a person to look at: one row per class of ``per_class`` images drawn at random from
+    ``frame`` (``image`` bytes, ``label``), the class name on the left, ``title`` on top."""
+    from pathlib import Path
+
+    from PIL import ImageDraw
+
+    k, pad, label_w, head = len(class_names), 4, 140, 20
+    canvas = Image.new("RGB", (label_w + per_class * (cell + pad) + pad, head + k * (cell + pad) + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((pad, 4), title, fill=(0, 0, 0))
+    rng = np.random.default_rng(seed)
+    images, labels = frame["image"].to_numpy(), frame["label"].to_numpy()
+    for c, name in enumerate(class_names):
+        y = head + c * (cell + pad)
+        pool = np.flatnonzero(labels == c)
+        draw.text((pad, y + cell // 2 - 6), f"{str(name)[:16]} ({len(pool)})", fill=(0, 0, 0))
+        for j, i in enumerate(rng.choice(pool, size=min(per_class, len(pool)), replace=False) if len(pool) else []):
+            img = decode_image(images[i], in_chans, max_pixels)
+            tile = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).convert("RGB")
+            canvas.paste(tile.resize((cell, cell), Image.Resampling.LANCZOS), (label_w + j * (cell + pad), y))
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    canvas.save(buf, format="PNG")
+    out.write_bytes(buf.getvalue())
+    return out
