@@ -34,6 +34,7 @@ for dir in components pipelines; do
     cp -R "$src/$dir" "$ws/$dir"
 done
 cp "$src/dvc.yaml" "$src/params.yaml" "$src/.dvcignore" "$ws/"
+mkdir -p "$ws/data/extra"  # the prepare stage's dep: labelled feedback folders (data.extra) live on the volume
 cp "$src/.dvc/config" "$ws/.dvc/config"
 cd "$ws"
 

@@ -206,6 +206,20 @@ def cmd_predict(args) -> int:
     return 0 if r.status_code == 200 else 1
 
 
+def cmd_feedback_export(args) -> int:
+    from components.feedback.export import export
+
+    p = _params(args)
+    prepared = Path("data/prepared/report.json")
+    classes = json.loads(prepared.read_text())["class_names"] if prepared.exists() else None
+    out = export(args.source or p("serve.feedback.location"), args.to, corrections=args.corrections,
+                 class_names=classes)
+    print(f"resops feedback export: {out['exported']} images to {out['to']} {out['by_class']} "
+          f"({out['corrected']} corrected, {out['skipped_unreadable']} unreadable left out); "
+          f"next: correct the labels, `dvc add {out['to']}`, add it to data.extra", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["edge"]:  # the device runtime: nothing below (pandas, Ray, torch) is imported for it
@@ -275,6 +289,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="POST /explain: the cloud model's answer and its Grad-CAM heat map over the image, saved as -o")
     pr.add_argument("-o", "--output", help="--explain: where to write the heat map PNG (default: FILE.gradcam.png here)")
     pr.set_defaults(func=cmd_predict)
+    fb = sub.add_parser("feedback", help="what serving kept (serve.feedback): export it as a <class>/<image> tree "
+                                         "for labelling and `dvc add`")
+    fbs = fb.add_subparsers(dest="feedback_command", required=True)
+    fe = fbs.add_parser("export", help="the store's images as <to>/<class>/<image> (class: the cloud's answer, "
+                                       "else the edge's) plus manifest.csv with their provenance")
+    fe.add_argument("--from", dest="source", help="the feedback store, a directory or s3:// URI "
+                                                  "(default: serve.feedback.location)")
+    fe.add_argument("--to", required=True, help="the folder to write, e.g. data/extra/feedback-2026-12")
+    fe.add_argument("--corrections", help="CSV of sha256,label rows: labels a person gave (label_source person)")
+    fe.set_defaults(func=cmd_feedback_export)
     sub.add_parser("edge", add_help=False, help="the edge runtime on the device: the int8 edge model, escalating to "
                                                 "the cloud app (`resops edge --help`; needs no Ray or torch)")
 

@@ -72,7 +72,7 @@ def prepare(p: Params) -> dict:
     res = prepare_dataset(RAW / name, PREPARED, name, p("data.task"), in_chans=p("data.in_chans"),
                           test_size=p("data.test_size"), val_size=p("data.val_size"), seed=p("seed"),
                           skip_corrupt=p("data.skip_corrupt"), rows_per_shard=p("data.rows_per_shard"),
-                          max_image_pixels=p("data.max_image_pixels"))
+                          max_image_pixels=p("data.max_image_pixels"), extra=_extra_folders(p))
     from components.data.images import save_class_grid
     from components.data.shards import read_shards
 
@@ -82,6 +82,20 @@ def prepare(p: Params) -> dict:
     _say(f"prepare: {res.report['num_prepared']} images, {len(res.report['corrupt'])} corrupt, "
          f"counts {res.report['counts']}; examples per class in {PREPARED / 'samples.png'}")
     return res.report
+
+
+EXTRA = Path("data/extra")
+
+
+def _extra_folders(p: Params) -> list[str]:
+    """``data.extra``: folders under data/extra (the prepare stage's DVC dep, so adding or correcting an
+    image re-runs prepare and what follows)."""
+    folders = [str(f) for f in (p("data.extra") or [])]
+    for f in folders:
+        if EXTRA.resolve() not in Path(f).resolve().parents:
+            raise ValueError(f"data.extra: {f} is not under {EXTRA}/: put it there (`resops feedback export --to "
+                             f"{EXTRA}/<name>`) so DVC sees when it changes")
+    return folders
 
 
 # EEG recordings become CWT scalogram images in prepare; every later stage is the image pipeline's.
@@ -541,7 +555,10 @@ def promote(p: Params) -> dict:
     lineage = {
         "params": {k: p(k) for k in ("data", "augment", "rebalance", "gan", "model", "train", "prune")},
         "data_version": {"dvc_md5": dvc_out_hash("dvc.lock", PREPARED.as_posix()),
-                         "manifest_digest": load_report(PREPARED)["data_digest"]},
+                         "manifest_digest": load_report(PREPARED)["data_digest"],
+                         # labelled feedback in the training split (data.extra): each folder's version and rows
+                         "extra": [{k: e[k] for k in ("path", "version", "rows", "by_class", "label_sources")}
+                                   for e in load_report(PREPARED).get("extra", [])]},
         "git_revision": git_revision(),
     }
     entry = register_candidate(REGISTRY, PROMOTED, {"full": TRAIN_MODEL, **edge_files()}, headline,

@@ -208,3 +208,39 @@ def test_edge_lock_pins_the_versions_of_the_full_lock():
     assert {"onnxruntime", "numpy", "pillow", "fastapi", "uvicorn", "httpx", "diskcache"} <= set(edge)
     assert not {"torch", "ray", "opencv-python-headless", "pandas"} & set(edge)
     assert {k: v for k, v in edge.items() if full.get(k) != v} == {}
+
+
+def test_feedback_over_http_keeps_unsure_inputs_and_a_broken_store_fails_nothing(bundle_dir, tmp_path):
+    """--feedback: inputs answered below the threshold are kept (image, answer, versions); a store that cannot
+    be written drops them, counted, and every request still gets its answer."""
+    from components.feedback import FeedbackStore
+
+    images = [_png(300 + i) for i in range(4)]
+    app = create_app(bundle_dir, cloud_url=None, cloud_token_env=None,
+                     feedback={"enabled": True, "location": str(tmp_path / "fb"), "max_bytes": 10**7})
+    with uvicorn_server(app) as url, httpx.Client(base_url=url, timeout=30.0) as client:
+        for data in images:  # threshold 1.0: nothing is confident, and with no cloud each answer is degraded
+            assert client.post("/predict", content=data, params={"threshold": 1.0}).json()["degraded"] is True
+        confident = client.post("/predict", content=_png(399), params={"mode": "edge", "threshold": 0.0})
+        assert confident.status_code == 200
+        assert app.state.runtime.feedback.flush(timeout=30)
+        stats = client.get("/feedback").json()
+    assert stats["offered"] == 5 and stats["recorded"] == 4 and stats["dropped"] == 0
+    store = FeedbackStore(str(tmp_path / "fb"), 10**7)
+    records = [store.read(n) for n in store.names()]
+    assert sorted(img for _, img in records) == sorted(images)  # the confident one was not kept
+    for record, image in records:
+        assert record["reason"] == "degraded" and record["source"] == "edge"
+        assert record["answer"]["tier"] == "edge" and record["model_versions"] == {"edge": "v-edge-3"}
+        assert set(record["edge"]["probabilities"]) == set(CLASSES) and record["cloud"] is None
+
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("x")
+    broken = create_app(bundle_dir, cloud_url=None, cloud_token_env=None,
+                        feedback={"enabled": True, "location": str(blocker / "fb")})
+    with uvicorn_server(broken) as url, httpx.Client(base_url=url, timeout=30.0) as client:
+        for data in images:
+            assert client.post("/predict", content=data, params={"threshold": 1.0}).status_code == 200
+        assert broken.state.runtime.feedback.flush(timeout=30)
+        stats = client.get("/feedback").json()
+    assert stats["recorded"] == 0 and stats["dropped"] == 4 and stats["last_error"]

@@ -591,7 +591,8 @@ def test_workspace_script_prepares_the_workspace(tmp_path):
     assert Path(out["cwd"]) == ws and out["ray"] == "auto"
     assert out["use_gpu"] is True and out["epochs"] == 2
     assert "no_scm = true" in out["local"] and str(tmp_path / "shared" / "dvc-remote") in out["local"]
-    for name in ("dvc.yaml", "params.yaml", ".dvc/config", "components/serve/app.py", "pipelines/stages.py"):
+    for name in ("dvc.yaml", "params.yaml", ".dvc/config", "components/serve/app.py", "pipelines/stages.py",
+                 "data/extra"):
         assert (ws / name).exists(), name
     assert (tmp_path / "shared" / "dvc-remote").is_dir()
     r = subprocess.run(["bash", str(K8S / "workspace.sh"), "-S", "train.epochs", "true"], env=env,

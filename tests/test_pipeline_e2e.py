@@ -66,24 +66,64 @@ def copy_pipeline(proj: Path, params: dict | None = None) -> None:
         (shutil.copytree(src, proj / item,  # not the detection subrepo's DVC cache
                          ignore=shutil.ignore_patterns("__pycache__", "cache", "tmp", "config.local"))
          if src.is_dir() else shutil.copy2(src, proj / item))
+    (proj / "data/extra").mkdir(parents=True, exist_ok=True)  # the prepare stage's dep (data.extra folders)
+    shutil.copy2(ROOT / "data/extra/README.md", proj / "data/extra/README.md")
     tree = yaml.safe_load((ROOT / "params.yaml").read_text())
     for k, v in {**TINY, **(params or {})}.items():
         _set(tree, k, v)
     (proj / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
+FEEDBACK = "data/extra/fb"  # labelled feedback the project's training split takes in (data.extra)
+FEEDBACK_IMAGES = 12
+SERVED: dict = {}  # what the project fixture's feedback store held (sha256s) and which file a person moved
+
+
+def _feedback_store(store: Path) -> list[str]:
+    """A feedback store as serving leaves it: escalated synthetic images with the cloud's (right) labels."""
+    from components.data.sources import SYNTHETIC_CLASSES, synthetic_image
+    from components.feedback import FeedbackRecorder
+
+    rng = np.random.default_rng(7)
+    rec = FeedbackRecorder({"enabled": True, "location": str(store)}, source="serve")
+    shas = []
+    for i in range(FEEDBACK_IMAGES):
+        label = i % 2
+        png = encode_png(synthetic_image(label, 32, rng))
+        name = SYNTHETIC_CLASSES[label]
+        answer = {"label": name, "label_index": label, "tier": "cloud", "mode": "cascade", "escalated": True,
+                  "edge_confidence": 0.4, "model_versions": {"edge": "v1-e", "cloud": "v1-c"}}
+        assert rec.offer(png, answer, threshold=0.5, edge={"label": SYNTHETIC_CLASSES[1 - label]},
+                         cloud={"label": name, "probabilities": {name: 0.9}}) == "escalated"
+        shas.append(hashlib.sha256(png).hexdigest())
+    assert rec.flush() and rec.stats()["recorded"] == FEEDBACK_IMAGES
+    rec.close()
+    return shas
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory, ray_address):
-    """A fresh git + DVC project holding this repo's pipeline, with tiny params."""
+    """A fresh git + DVC project holding this repo's pipeline, with tiny params, and the feedback loop's
+    first three commands done: serving's feedback exported (`resops feedback export`), one label corrected
+    by moving its file, the folder `dvc add`ed and named in data.extra."""
     proj = tmp_path_factory.mktemp("project")
-    copy_pipeline(proj)
+    copy_pipeline(proj, {"data.extra": [FEEDBACK]})
     shutil.copytree(ROOT / ".dvc", proj / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
     env = dict(os.environ, RAY_ADDRESS=ray_address, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
     _run(["git", "init", "-q"], proj, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "init", "--allow-empty"], proj, env)
     (proj / ".gitignore").write_text("/.dvcstore/\n/wandb/\n/models/train/checkpoints/\n")
+    store = tmp_path_factory.mktemp("served") / "feedback"
+    SERVED.update(shas=_feedback_store(store))
+    out = _run([str(Path(sys.executable).parent / "resops"), "feedback", "export", "--from", str(store),
+                "--to", FEEDBACK], proj, env)
+    assert f"{FEEDBACK_IMAGES} images to {FEEDBACK}" in out, out
+    moved = next((proj / FEEDBACK / "ok").iterdir())  # a person's correction: this one is a crack
+    moved.rename(proj / FEEDBACK / "crack" / moved.name)
+    _run(["dvc", "add", "-q", FEEDBACK], proj, env)
     _run(["git", "add", "-A"], proj, env)
     _run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline"], proj, env)
+    SERVED.update(moved=moved.name)
     return proj, env
 
 
@@ -103,7 +143,8 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     for drawn in ("prepare: 100%|", "train: 100%|", "prune fine-tune (", "evaluate (full)", "calibrate ("):
         assert drawn in out, f"no {drawn!r} progress bar:\n{out[-3000:]}"
     report = json.loads((proj / "data/prepared/report.json").read_text())
-    assert report["num_prepared"] == 160 and len(list((proj / "data/prepared/shards").glob("*.parquet"))) >= 1
+    assert report["num_prepared"] == 160 + FEEDBACK_IMAGES
+    assert len(list((proj / "data/prepared/shards").glob("*.parquet"))) >= 1
     train = json.loads((proj / "metrics/train.json").read_text())
     assert train["epochs_run"] == 3 and train["resumed_from_epoch"] == 0
     assert len((proj / "plots/train_history.csv").read_text().strip().splitlines()) == 1 + 3
@@ -159,6 +200,30 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     # `dvc metrics show` reads the declared metrics files.
     shown = _run(["dvc", "metrics", "show", "--json"], proj, env)
     assert "metrics/evaluate.json" in shown and "metrics/train.json" in shown and "metrics/serve.json" in shown
+
+
+def test_feedback_reaches_the_training_split_only_and_the_registry_names_its_version(repro):
+    """The loop's last command (`dvc repro` with data.extra): serving's feedback, exported and corrected, is in
+    the training rows and nowhere else; val and test are the real images' split as before."""
+    import pandas as pd
+
+    proj, _, _ = repro
+    manifest = pd.read_parquet(proj / "data/prepared/manifest.parquet")
+    fb, real = manifest[manifest["source"] == "feedback"], manifest[manifest["source"] == "real"]
+    assert len(fb) == FEEDBACK_IMAGES and set(fb["split"]) == {"train"} and set(fb["sha256"]) == set(SERVED["shas"])
+    assert len(real) == 160 and set(real["split"]) == {"train", "val", "test"}
+    attrs = [json.loads(a) for a in fb["attrs"]]
+    assert all(a["extra_dir"] == FEEDBACK and a["reason"] == "escalated" for a in attrs)
+    moved = fb[fb["path"].str.endswith(SERVED["moved"])]
+    assert list(moved["label_name"]) == ["crack"] and json.loads(moved["attrs"].iloc[0])["label_source"] == "person"
+    assert sorted(a["label_source"] for a in attrs) == ["model:cloud"] * (FEEDBACK_IMAGES - 1) + ["person"]
+    rebalanced = pd.read_parquet(proj / "data/rebalanced/shards", columns=["sha256", "split"])
+    assert set(SERVED["shas"]) <= set(rebalanced.loc[rebalanced["split"] == "train", "sha256"])
+    entry = json.loads((proj / "models/registry.json").read_text())["entries"][-1]
+    [extra] = entry["data_version"]["extra"]
+    report = json.loads((proj / "data/prepared/report.json").read_text())
+    assert extra["path"] == FEEDBACK and extra["rows"] == FEEDBACK_IMAGES and extra["version"] == report["extra"][0]["version"]
+    assert extra["label_sources"] == {"model:cloud": FEEDBACK_IMAGES - 1, "person": 1}
 
 
 def test_dvc_plots_show_draws_every_plot_offline(repro, tmp_path):

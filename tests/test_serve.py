@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -60,6 +61,9 @@ def files(tmp_path_factory):
     return root
 
 
+FEEDBACK_CAP = 12_000  # bytes: room for a few records of these ~2 kB images
+
+
 def _args(files, **extra) -> dict:
     return {"cloud_model": "full.pt", "edge_model": "edge.pt", "edge_onnx": "edge_int8.onnx",
             "model_version": VERSION, "temperatures": dict(TEMPS), "threshold": 0.4, "default_mode": "cascade",
@@ -78,8 +82,10 @@ def server(ray_address, files, tmp_path_factory):
 
     serve.shutdown()  # a Serve left by an earlier module would keep its own HTTP port
     port = free_port()
+    feedback = tmp_path_factory.mktemp("feedback")
+    args = _args(files, feedback={"enabled": True, "location": str(feedback), "rate": 0.0, "max_bytes": FEEDBACK_CAP})
     path = write_serve_config(tmp_path_factory.mktemp("cfg") / "serve_config.yaml",
-                              build_serve_config(_args(files), host="127.0.0.1", port=port))
+                              build_serve_config(args, host="127.0.0.1", port=port))
     before = ray.available_resources()
     config = load_serve_config(path)
     deploy_config(config, base_dir=files)
@@ -87,7 +93,7 @@ def server(ray_address, files, tmp_path_factory):
     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60.0) as client:
         wait_healthy(client, "serve app")  # the app runs; the proxy may need a moment longer to route to it
         client.resources_used = used
-        client.port, client.config = port, config
+        client.port, client.config, client.feedback = port, config, feedback
         yield client
     serve.shutdown()
 
@@ -667,3 +673,55 @@ def test_application_metrics_on_rays_metrics_endpoint(server):
     assert any(s.labels.get("reason") == "undecodable" and s.value >= 1 for s in found["resops_errors_total"])
     assert sum(s.value for s in found["resops_edge_confidence_count"]) >= 4
     assert {s.labels.get("tier") for s in found["resops_tier_latency_ms_count"]} >= {"edge", "cloud", "total"}
+
+
+def _stored(server) -> dict[str, tuple[dict, bytes]]:
+    from components.feedback import FeedbackStore
+
+    store = FeedbackStore(str(server.feedback), 10**9)
+    out = {}
+    for name in store.names():
+        try:
+            record, image = store.read(name)
+        except FileNotFoundError:  # evicted between the listing and the read
+            continue
+        out[record["sha256"]] = (record, image)
+    return out
+
+
+def _wait_stored(server, sha: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while sha not in (stored := _stored(server)):
+        assert time.monotonic() < deadline, f"no feedback record of {sha[:12]} after {timeout:g} s"
+        time.sleep(0.05)
+    return stored
+
+
+def test_feedback_keeps_escalated_requests_within_its_bound(server, files):
+    """serve.feedback over real HTTP: every escalated request is stored (image, both tiers' probabilities, the
+    answer, versions); confident ones are not (rate 0); the store stays under max_bytes, oldest evicted first."""
+    import hashlib
+
+    images = [_png(1200 + i) for i in range(8)]
+    sent = []
+    for data in images:  # threshold 1.0: every cascade request escalates; one at a time, so one writer at a time
+        body = server.post("/predict", content=data, params={"mode": "cascade", "threshold": 1.0}).json()
+        assert body["escalated"] is True, body
+        sha = hashlib.sha256(data).hexdigest()
+        stored = _wait_stored(server, sha)
+        record, image = stored[sha]
+        assert image == data and record["reason"] == "escalated" and record["source"] == "serve"
+        assert record["answer"]["label"] == body["label"] and record["answer"]["tier"] == "cloud"
+        assert set(record["edge"]["probabilities"]) == set(record["cloud"]["probabilities"]) == set(CLASSES)
+        assert record["model_versions"] == body["model_versions"] and record["threshold"] == 1.0
+        sent.append(sha)
+    confident = _png(1299)
+    assert server.post("/predict", content=confident, params={"mode": "cascade", "threshold": 0.0}).json()["escalated"] is False
+    stored = _stored(server)  # the router chose before it answered: a confident request is never queued
+    assert hashlib.sha256(confident).hexdigest() not in stored
+    size = sum(p.stat().st_size for p in server.feedback.iterdir() if p.is_file())
+    assert size <= FEEDBACK_CAP, size
+    kept = [s for s in sent if s in stored]
+    assert 2 <= len(kept) < len(sent) and kept == sent[-len(kept):]  # the newest kept, the oldest evicted
+    stats = server.get("/feedback").json()  # one replica's counters
+    assert stats["enabled"] is True and stats["dropped"] == 0 and stats["max_bytes"] == FEEDBACK_CAP

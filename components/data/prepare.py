@@ -90,7 +90,8 @@ def write_prepared(frame: pd.DataFrame, out_dir: Path, rows_per_shard: int) -> t
 
 def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task: str, *, in_chans: int = 1,
                     test_size: float = 0.25, val_size: float = 0.15, seed: int = 42, skip_corrupt: bool = False,
-                    rows_per_shard: int = 512, max_image_pixels: int = 50_000_000, threads: int = 4) -> PrepareResult:
+                    rows_per_shard: int = 512, max_image_pixels: int = 50_000_000, threads: int = 4,
+                    extra: list[str | Path] = ()) -> PrepareResult:
     """Validate every raw image, split, and write ``out_dir/shards``, ``manifest.parquet``, ``report.json``.
 
     Corrupt images are listed in the report with the reason. Unless ``skip_corrupt`` the
@@ -129,8 +130,11 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task
         frame = frame[[not e for e in errors]].reset_index(drop=True)
 
     frame["split"] = split_records(frame, test_size, val_size, seed)
-    frame["label_name"] = [records.class_names[i] for i in frame["label"]]
     frame["source"] = "real"
+    if extra:  # labelled feedback: training rows only, after the split (components.data.extra)
+        frame, report["extra"] = _add_extra(frame, extra, records.class_names, in_chans, max_image_pixels,
+                                            skip_corrupt, threads)
+    frame["label_name"] = [records.class_names[i] for i in frame["label"]]
     frame["label"] = frame["label"].astype("int64")
     cols = ["image", "path", "label", "label_name", "split", "group", "sha256", "width", "height", "source", "attrs"]
     frame = frame[cols].sort_values(["split", "path"], kind="stable").reset_index(drop=True)
@@ -141,6 +145,39 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task
                   data_digest=hashlib.sha256("".join(manifest["sha256"] + manifest["split"]).encode()).hexdigest())
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return PrepareResult(manifest, report)
+
+
+def _add_extra(frame: pd.DataFrame, folders, class_names: list[str], in_chans: int, max_pixels: int,
+               skip_corrupt: bool, threads: int) -> tuple[pd.DataFrame, list[dict]]:
+    """``frame`` with the images of the ``data.extra`` folders as training rows, and what each folder added."""
+    from components.data.extra import SOURCE, folder_version, list_extra
+
+    known, parts, report = set(frame["sha256"]), [frame], []
+    for folder in folders:
+        ef = list_extra(folder, class_names)
+        with ThreadPoolExecutor(threads) as pool:
+            results = list(bar(pool.map(lambda rel: _inspect(Path(), rel, in_chans, max_pixels), ef["path"]),
+                               total=len(ef), desc=f"prepare {folder}", unit="img"))
+        ef["image"], ef["sha256"], ef["width"], ef["height"] = ([r[i] for r in results] for i in range(4))
+        bad = [{"path": p, "reason": r[4]} for p, r in zip(ef["path"], results) if r[4]]
+        if bad and not skip_corrupt:
+            raise CorruptDataError(f"data.extra {folder}: {len(bad)} unreadable images ({bad[0]['path']}: "
+                                   f"{bad[0]['reason']}{' ...' if len(bad) > 1 else ''})")
+        ef = ef[[not r[4] for r in results]]
+        seen = ef["sha256"].isin(known) | ef["sha256"].duplicated()
+        ef = ef[~seen].reset_index(drop=True)
+        known |= set(ef["sha256"])
+        ef["split"], ef["source"] = "train", SOURCE
+        ef["group"] = [f"{SOURCE}:{s[:16]}" for s in ef["sha256"]]
+        ef["stratify"] = ef["label"]
+        parts.append(ef)
+        report.append({"path": str(folder), "rows": int(len(ef)), "version": folder_version(ef),
+                       "left_out_already_in_data": int(seen.sum()), "unreadable": bad,
+                       "by_class": {class_names[k]: int(v) for k, v in sorted(ef["label"].value_counts().items())},
+                       "label_sources": {k: int(v) for k, v in sorted(
+                           pd.Series([json.loads(a)["label_source"] for a in ef["attrs"]], dtype=object)
+                           .value_counts().items())}})
+    return pd.concat(parts, ignore_index=True), report
 
 
 def load_report(prepared_dir: str | Path) -> dict:

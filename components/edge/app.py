@@ -33,6 +33,7 @@ from fastapi_offline import FastAPIOffline
 from components.edge.bundle import load_bundle
 from components.edge.model import EdgeModel
 from components.edge.outbox import Outbox
+from components.feedback import FeedbackRecorder, FeedbackSettings
 from components.serve.http import (PREDICT_BODY, PREDICT_PARAMS, BadRequest, RequestReader, answer, error,
                                    install_error_handlers, parse_mode, parse_threshold, refused)
 from components.serve.schema import (MODES, PREDICT_ERRORS, BatchPredictResponse, CloudLink, EdgeHealthResponse,
@@ -52,7 +53,8 @@ class EdgeRuntime:
     def __init__(self, bundle_path: str | Path, *, cloud_url: str | None = None, cloud_token: str | None = None,
                  default_mode: str = "cascade", threshold: float | None = None, timeout_s: float = 2.0,
                  outbox_dir: str | Path | None = None, outbox_max_items: int = 500,
-                 outbox_max_bytes: int = 200_000_000, resend_interval_s: float = 5.0, threads: int = 1):
+                 outbox_max_bytes: int = 200_000_000, resend_interval_s: float = 5.0, threads: int = 1,
+                 feedback: dict | None = None):
         if default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {default_mode!r}")
         bundle, onnx_path = load_bundle(bundle_path)
@@ -70,6 +72,9 @@ class EdgeRuntime:
             self.outbox = Outbox(where, max_items=outbox_max_items, max_bytes=outbox_max_bytes)
         self.cloud_available: bool | None = None
         self.last_error: str | None = None
+        settings = FeedbackSettings.from_dict(feedback)
+        # what the device saw: escalated, unsure and sampled inputs, for the next data version (components.feedback)
+        self.feedback = FeedbackRecorder(settings, source="edge") if settings.enabled else None
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="edge-model")
         self._client = None
         self._resender: asyncio.Task | None = None
@@ -91,6 +96,8 @@ class EdgeRuntime:
             await self._client.aclose()
         if self.outbox is not None:
             self.outbox.close()
+        if self.feedback is not None:
+            self.feedback.close()
         self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------ the cloud
@@ -187,13 +194,17 @@ class EdgeRuntime:
         batch = {"edge": 1} if edge is not None else {}
         if cloud is not None and "cloud" in cloud.get("batch_size", {}):
             batch["cloud"] = int(cloud["batch_size"]["cloud"])
-        return {"label": src["label"], "label_index": src["label_index"], "probabilities": src["probabilities"],
-                "tier": "cloud" if cloud is not None else "edge", "mode": mode,
-                "escalated": mode == "cascade" and cloud is not None,
-                "edge_confidence": edge["confidence"] if edge is not None and mode != "cloud" else None,
-                "threshold": threshold if mode == "cascade" else None, "model_name": src["model_name"],
-                "model_versions": versions, "batch_size": batch, "latency_ms": latency,
-                "degraded": degraded, "degraded_reason": reason if degraded else None}
+        result = {"label": src["label"], "label_index": src["label_index"], "probabilities": src["probabilities"],
+                  "tier": "cloud" if cloud is not None else "edge", "mode": mode,
+                  "escalated": mode == "cascade" and cloud is not None,
+                  "edge_confidence": edge["confidence"] if edge is not None and mode != "cloud" else None,
+                  "threshold": threshold if mode == "cascade" else None, "model_name": src["model_name"],
+                  "model_versions": versions, "batch_size": batch, "latency_ms": latency,
+                  "degraded": degraded, "degraded_reason": reason if degraded else None}
+        if self.feedback is not None:
+            self.feedback.offer(data, result, threshold=threshold,
+                                edge=edge and {**edge, "model_version": self.bundle.model_version}, cloud=cloud)
+        return result
 
     def health(self) -> dict:
         return {"default_mode": self.default_mode, "model_versions": {"edge": self.bundle.model_version},
@@ -263,6 +274,15 @@ def create_app(bundle_path: str | Path, *, auth_token: str | None = None, auth_t
             return refused(exc)
         return {"default_mode": rt.default_mode, "threshold": rt.threshold, "cloud_url": rt.cloud_url,
                 "edge": {**b.model_dump(), "backend": "onnxruntime"}}
+
+    @api.get("/feedback", responses={401: {"model": ErrorResponse}})
+    async def feedback_stats(request: Request):
+        """What the feedback recorder kept, dropped and evicted (--feedback)."""
+        try:
+            reader.authorize(request)
+        except BadRequest as exc:
+            return refused(exc)
+        return rt.feedback.stats() if rt.feedback is not None else {"enabled": False}
 
     @api.get("/outbox", response_model=OutboxStats, responses={401: {"model": ErrorResponse},
                                                                 404: {"model": ErrorResponse}})

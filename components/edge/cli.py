@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--outbox-max-items", type=int, default=500)
     ap.add_argument("--outbox-max-mb", type=float, default=200.0)
     ap.add_argument("--resend-interval", type=float, default=5.0, help="seconds between resend attempts")
+    ap.add_argument("--feedback", metavar="DIR", help="keep escalated, unsure and sampled inputs here for the next data "
+                                                      "version (resops feedback export); default: off")
+    ap.add_argument("--feedback-rate", type=float, default=0.0, help="share of the confident inputs kept as well")
+    ap.add_argument("--feedback-max-mb", type=float, default=500.0, help="the feedback store's bound (oldest dropped)")
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime threads (and concurrent images)")
     ap.add_argument("--host", default="127.0.0.1", help="listen address (default 127.0.0.1; 0.0.0.0 on a "
                                                         "trusted network)")
@@ -48,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
                          cloud_url=args.cloud_url, default_mode=args.mode, threshold=args.threshold,
                          timeout_s=args.timeout, outbox_dir=args.outbox, outbox_max_items=args.outbox_max_items,
                          outbox_max_bytes=int(args.outbox_max_mb * 1e6), resend_interval_s=args.resend_interval,
-                         threads=args.threads)
+                         threads=args.threads,
+                         feedback={"enabled": True, "location": args.feedback, "rate": args.feedback_rate,
+                                   "max_bytes": int(args.feedback_max_mb * 1e6)} if args.feedback else None)
     except (BundleError, ValueError) as exc:
         print(f"resops edge: error: {exc}", file=sys.stderr)
         return 2

@@ -473,7 +473,7 @@ class Router:
     def __init__(self, edge: DeploymentHandle | dict, cloud: DeploymentHandle, info: dict, *, default_mode: str = "cascade",
                  threshold: float = 0.5, max_body_bytes: int = 10_000_000, max_batch_images: int = 64,
                  auth_token: str | None = None, auth_token_env: str | None = None, signal: dict | None = None,
-                 detection: dict | None = None, health_timeout_s: float = 2.0):
+                 detection: dict | None = None, health_timeout_s: float = 2.0, feedback: dict | None = None):
         if default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
         # `edge` is the edge deployment's handle, or (placement: ingress) the settings of the edge model
@@ -496,13 +496,19 @@ class Router:
         from components.serve.signal import check_settings
 
         self.signal = check_settings(signal) if signal else None
+        from components.feedback import FeedbackRecorder, FeedbackSettings
+
+        settings = FeedbackSettings.from_dict(feedback)
+        # serve.feedback: escalated, unsure and sampled requests kept for the next data version (never
+        # blocking or failing a request; components.feedback)
+        self.feedback = FeedbackRecorder(settings, source="serve") if settings.enabled else None
 
     # ------------------------------------------------------------------ routing
     async def classify(self, data: bytes, mode: str, threshold: float) -> dict:
         """One image through the tiers ``mode`` names; escalate iff the edge confidence < threshold."""
         start = time.perf_counter()
         latency, batch_sizes, versions = {}, {}, {}
-        edge_conf, result, decoded = None, None, None
+        edge_conf, result, decoded, edge_result, cloud_result = None, None, None, None, None
         t = time.perf_counter()
         if self.local_edge is not None:  # decoded here once; the edge model runs in this replica
             result, decoded = await self.local_edge.predict(data, with_edge=mode != "cloud")
@@ -513,7 +519,7 @@ class Router:
             return result
         if mode in ("edge", "cascade"):
             latency["edge"] = (time.perf_counter() - t) * 1000.0
-            edge_conf, tier = result["confidence"], "edge"
+            edge_result, edge_conf, tier = result, result["confidence"], "edge"
             batch_sizes["edge"], versions["edge"] = result["batch_size"], result["model_version"]
         escalate = mode == "cloud" or (mode == "cascade" and edge_conf < threshold)
         if escalate:
@@ -527,7 +533,7 @@ class Router:
             if "error" in result:
                 self.metrics.refused(result["reason"])
                 return result
-            tier = "cloud"
+            tier, cloud_result = "cloud", result
             batch_sizes["cloud"], versions["cloud"] = result["batch_size"], result["model_version"]
         latency["total"] = (time.perf_counter() - start) * 1000.0
         answer = {"label": result["label"], "label_index": result["label_index"],
@@ -536,6 +542,8 @@ class Router:
                   "threshold": threshold if mode == "cascade" else None, "model_name": result["model_name"],
                   "model_versions": versions, "batch_size": batch_sizes, "latency_ms": latency}
         self.metrics.answered(answer)
+        if self.feedback is not None:
+            self.feedback.offer(data, answer, threshold=threshold, edge=edge_result, cloud=cloud_result)
         return answer
 
     @api.post("/predict", response_model=PredictResponse | BatchPredictResponse,
@@ -726,6 +734,15 @@ class Router:
         return HealthResponse(default_mode=self.default_mode,
                               model_versions={t: self.info[t]["model_version"] for t in ("edge", "cloud")})
 
+    @api.get("/feedback", responses={401: {"model": ErrorResponse}})
+    async def feedback_stats(self, request: Request):
+        """What this replica's feedback recorder kept, dropped and evicted (serve.feedback)."""
+        try:
+            self.reader.authorize(request)
+        except BadRequest as exc:
+            return self._refused(exc)
+        return self.feedback.stats() if self.feedback is not None else {"enabled": False}
+
     @api.get("/models", response_model=ModelsResponse, responses={401: {"model": ErrorResponse}})
     async def models(self, request: Request):
         """The two tiers (model, version, files, backend, temperature) and the cascade settings."""
@@ -791,7 +808,8 @@ def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str 
               max_batch_images: int = 64, edge: dict | None = None, cloud: dict | None = None,
               router: dict | None = None, auth_token: str | None = None, auth_token_env: str | None = None,
               calibration: dict | None = None, base_dir: str | None = None, files_sha256: dict | None = None,
-              signal: dict | None = None, detection: dict | None = None, model_card: dict | None = None):
+              signal: dict | None = None, detection: dict | None = None, model_card: dict | None = None,
+              feedback: dict | None = None):
     """``(application, deployments)``: the Serve application and each deployment's options as a Serve
     config lists them (``name``, replicas or autoscaling, ``max_ongoing_requests``, ``ray_actor_options``,
     ``user_config``), the ones the application's deployments are given.
@@ -907,8 +925,22 @@ def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str 
     app = Router.options(**router_options).bind(
         handles["edge"], handles["cloud"], info, default_mode=default_mode, threshold=threshold,
         max_body_bytes=max_body_bytes, max_batch_images=max_batch_images, auth_token=auth_token,
-        auth_token_env=auth_token_env, signal=signal, detection=detection)
+        auth_token_env=auth_token_env, signal=signal, detection=detection, feedback=_feedback(feedback, base_dir))
     return app, copy.deepcopy(specs)
+
+
+def _feedback(feedback: dict | None, base_dir: str | None) -> dict | None:
+    """``serve.feedback`` checked now (not in a replica), its local location taken from ``base_dir``."""
+    if not feedback:
+        return None
+    from components.feedback import FeedbackSettings
+    from components.storage import is_uri
+
+    settings = dict(feedback)
+    FeedbackSettings.from_dict(settings)
+    if settings.get("enabled") and not is_uri(settings["location"]):
+        settings["location"] = str(Path(_resolve(settings["location"], base_dir)).resolve())
+    return settings
 
 
 def app_builder(args: dict):

@@ -234,6 +234,6 @@ def serve_args(params, promoted_dir: str | Path, calibration: dict | None, prepa
         "max_image_pixels": s["max_image_pixels"], "min_image_side": s["min_image_side"],
         "max_batch_images": s["max_batch_images"], "auth_token_env": s["auth_token_env"],
         "edge": tier_settings(s["edge"]), "cloud": tier_settings(s["cloud"]), "router": dict(s["router"]),
-        "calibration": calibration,
+        "calibration": calibration, "feedback": dict(s["feedback"]),
         **({"signal": signal} if signal else {}),
     }
