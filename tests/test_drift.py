@@ -1,0 +1,67 @@
+"""Drift statistics (components/feedback/drift.py): the formulas, and a monitor that stays quiet on
+in-distribution inputs and speaks on shifted ones. Wiring into the servers: tests/test_serve.py."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from components.feedback.drift import DriftMonitor, build_reference, frechet, intensity_histogram, psi
+
+
+def test_frechet_and_psi_formulas():
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((4, 4))
+    cov = a @ a.T + np.eye(4)
+    assert frechet(np.zeros(4), cov, np.zeros(4), cov) == pytest.approx(0, abs=1e-8)
+    assert frechet(np.zeros(4), np.eye(4), np.full(4, 2.0), np.eye(4)) == pytest.approx(16.0)
+    assert frechet(np.zeros(1), np.eye(1), np.zeros(1), 4 * np.eye(1)) == pytest.approx(1.0)  # (1 - 2)^2
+    p = np.array([0.5, 0.5])
+    assert psi(p, p) == pytest.approx(0) and psi(p, np.array([0.9, 0.1])) > 0.5
+    h = intensity_histogram(np.array([[0, 255], [128, 128]], np.uint8), bins=4)
+    assert h.tolist() == [[0.5, 0, 0, 0.5], [0, 0, 1.0, 0]]
+
+
+def _images(rng, n, shift=0.0, contrast=1.0):
+    x = 128 + contrast * (30 * rng.standard_normal((n, 16, 16))) + shift
+    return np.clip(x, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    rng = np.random.default_rng(1)
+    basis = rng.standard_normal((64, 64))
+    emb = lambda n: rng.standard_normal((n, 64)) @ basis / 8  # noqa: E731 - correlated features
+    ref = build_reference(intensity_histogram(_images(rng, 2000)), emb(2000), intensity_histogram(_images(rng, 300)),
+                          emb(300), window=200, k=8, seed=0)
+    return ref, emb, basis
+
+
+def test_in_distribution_stays_below_and_shifted_inputs_go_above(reference):
+    ref, emb, basis = reference
+    rng = np.random.default_rng(2)
+    quiet = DriftMonitor(ref, threshold=3.0)
+    for img, e in zip(_images(rng, 200), emb(200)):
+        quiet.observe(img, e)
+    s = quiet.score()
+    assert s["inputs_seen"] == 200 and not s["drifted"] and s["score"] < 3.0, s
+
+    brighter = DriftMonitor(ref, threshold=3.0)  # a new scanner: brighter, lower contrast; same content
+    for img in _images(rng, 200, shift=40, contrast=0.6):
+        brighter.observe(img)
+    s = brighter.score()
+    assert s["drifted"] and s["intensity"]["score"] > 3.0 and s["embedding"] is None, s
+
+    other = DriftMonitor(ref, threshold=3.0)  # other content: embeddings moved, pixels alike
+    shift = rng.standard_normal(64) @ basis / 8
+    for img, e in zip(_images(rng, 200), emb(200) + shift):
+        other.observe(img, e)
+    s = other.score()
+    assert s["drifted"] and s["embedding"]["score"] > 3.0 and s["intensity"]["score"] < 3.0, s
+
+
+def test_a_window_that_is_not_full_declares_nothing(reference):
+    ref, _, _ = reference
+    m = DriftMonitor(ref, threshold=0.0)
+    m.observe(np.zeros((16, 16), np.uint8))
+    s = m.score()
+    assert s["score"] > 0 and not s["drifted"]
