@@ -73,12 +73,6 @@ def prepare(p: Params) -> dict:
                           test_size=p("data.test_size"), val_size=p("data.val_size"), seed=p("seed"),
                           skip_corrupt=p("data.skip_corrupt"), rows_per_shard=p("data.rows_per_shard"),
                           max_image_pixels=p("data.max_image_pixels"), extra=_extra_folders(p))
-    from components.data.images import save_class_grid
-    from components.data.shards import read_shards
-
-    save_class_grid(read_shards(PREPARED / "shards", split="train"), res.report["class_names"], PREPARED / "samples.png",
-                    title=f"{name} ({p('data.task')}): training images per class (count)", in_chans=p("data.in_chans"),
-                    seed=p("seed"), max_pixels=p("data.max_image_pixels"))
     _say(f"prepare: {res.report['num_prepared']} images, {len(res.report['corrupt'])} corrupt, "
          f"counts {res.report['counts']}; examples per class in {PREPARED / 'samples.png'}")
     return res.report

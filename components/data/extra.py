@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+from components.data.sources import IMAGE_SUFFIXES
+
 SOURCE = "feedback"
 
 

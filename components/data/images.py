@@ -65,8 +65,6 @@ def save_class_grid(frame, class_names: list[str], out_path, *, title: str = "",
                     cell: int = 64, in_chans: int = 1, seed: int = 0, max_pixels: int = DEFAULT_MAX_PIXELS):
     """A PNG for a person to look at: one row per class of ``per_class`` images drawn at random from
     ``frame`` (``image`` bytes, ``label``), the class name on the left, ``title`` on top."""
-    from pathlib import Path
-
     from PIL import ImageDraw
 
     k, pad, label_w, head = len(class_names), 4, 140, 20
@@ -83,9 +81,14 @@ def save_class_grid(frame, class_names: list[str], out_path, *, title: str = "",
             img = decode_image(images[i], in_chans, max_pixels)
             tile = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img).convert("RGB")
             canvas.paste(tile.resize((cell, cell), Image.Resampling.LANCZOS), (label_w + j * (cell + pad), y))
+    return save_picture(canvas, out_path)
+
+
+def save_picture(image: Image.Image, out_path):
+    """A drawn picture (a Pillow image) as a PNG file at ``out_path``, its directory made; returns the path."""
+    from pathlib import Path
+
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    out.write_bytes(buf.getvalue())
+    image.save(out, format="PNG")
     return out

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from components.data.images import ImageDecodeError, decode_image
+from components.data.images import ImageDecodeError, decode_image, save_class_grid
 from components.data.shards import write_shards
 from components.data.sources import get_source
 from components.progress import bar
@@ -41,6 +41,17 @@ def _inspect(raw_dir: Path, rel: str, in_chans: int, max_pixels: int) -> tuple[b
     except ImageDecodeError as exc:
         return None, sha, 0, 0, str(exc)
     return data, sha, arr.shape[1], arr.shape[0], ""
+
+
+def _inspect_all(frame: pd.DataFrame, root: Path, in_chans: int, max_pixels: int, threads: int, desc: str) -> list[str]:
+    """Read and decode the image of every ``frame["path"]`` (relative to ``root``): sets the ``image``,
+    ``sha256``, ``width`` and ``height`` columns and returns each row's error ("" when it decoded)."""
+    with ThreadPoolExecutor(threads) as pool:
+        results = list(bar(pool.map(lambda rel: _inspect(root, rel, in_chans, max_pixels), frame["path"]),
+                           total=len(frame), desc=desc, unit="img"))
+    for i, col in enumerate(("image", "sha256", "width", "height")):
+        frame[col] = [r[i] for r in results]
+    return [r[4] for r in results]
 
 
 def split_records(frame: pd.DataFrame, test_size: float, val_size: float, seed: int) -> np.ndarray:
@@ -92,7 +103,8 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task
                     test_size: float = 0.25, val_size: float = 0.15, seed: int = 42, skip_corrupt: bool = False,
                     rows_per_shard: int = 512, max_image_pixels: int = 50_000_000, threads: int = 4,
                     extra: list[str | Path] = ()) -> PrepareResult:
-    """Validate every raw image, split, and write ``out_dir/shards``, ``manifest.parquet``, ``report.json``.
+    """Validate every raw image, split, and write ``out_dir/shards``, ``manifest.parquet``, ``report.json``
+    and ``samples.png`` (training images per class).
 
     Corrupt images are listed in the report with the reason. Unless ``skip_corrupt`` the
     function then raises :class:`CorruptDataError` naming them; nothing is silently dropped.
@@ -104,14 +116,7 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task
     records = source.records(raw_dir, task)
     frame = records.frame.reset_index(drop=True)
 
-    with ThreadPoolExecutor(threads) as pool:
-        results = list(bar(pool.map(lambda rel: _inspect(raw_dir, rel, in_chans, max_image_pixels), frame["path"]),
-                           total=len(frame), desc="prepare", unit="img"))
-    frame["image"] = [r[0] for r in results]
-    frame["sha256"] = [r[1] for r in results]
-    frame["width"] = [r[2] for r in results]
-    frame["height"] = [r[3] for r in results]
-    errors = [r[4] for r in results]
+    errors = _inspect_all(frame, raw_dir, in_chans, max_image_pixels, threads, "prepare")
     corrupt = [{"path": p, "reason": e} for p, e in zip(frame["path"], errors) if e]
 
     report = {
@@ -139,6 +144,9 @@ def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task
     cols = ["image", "path", "label", "label_name", "split", "group", "sha256", "width", "height", "source", "attrs"]
     frame = frame[cols].sort_values(["split", "path"], kind="stable").reset_index(drop=True)
     manifest, shards = write_prepared(frame, out_dir, rows_per_shard)
+    save_class_grid(frame[frame["split"] == "train"], records.class_names, out_dir / "samples.png",
+                    title=f"{dataset} ({task}): training images per class (count)", in_chans=in_chans, seed=seed,
+                    max_pixels=max_image_pixels)
     counts = {s: {records.class_names[k]: int(v) for k, v in sorted(manifest.loc[manifest.split == s, "label"].value_counts().items())}
               for s in SPLITS}
     report.update(num_prepared=len(manifest), counts=counts, shards=shards,
@@ -155,15 +163,12 @@ def _add_extra(frame: pd.DataFrame, folders, class_names: list[str], in_chans: i
     known, parts, report = set(frame["sha256"]), [frame], []
     for folder in folders:
         ef = list_extra(folder, class_names)
-        with ThreadPoolExecutor(threads) as pool:
-            results = list(bar(pool.map(lambda rel: _inspect(Path(), rel, in_chans, max_pixels), ef["path"]),
-                               total=len(ef), desc=f"prepare {folder}", unit="img"))
-        ef["image"], ef["sha256"], ef["width"], ef["height"] = ([r[i] for r in results] for i in range(4))
-        bad = [{"path": p, "reason": r[4]} for p, r in zip(ef["path"], results) if r[4]]
+        errors = _inspect_all(ef, Path(), in_chans, max_pixels, threads, f"prepare {folder}")
+        bad = [{"path": p, "reason": e} for p, e in zip(ef["path"], errors) if e]
         if bad and not skip_corrupt:
             raise CorruptDataError(f"data.extra {folder}: {len(bad)} unreadable images ({bad[0]['path']}: "
                                    f"{bad[0]['reason']}{' ...' if len(bad) > 1 else ''})")
-        ef = ef[[not r[4] for r in results]]
+        ef = ef[[not e for e in errors]]
         seen = ef["sha256"].isin(known) | ef["sha256"].duplicated()
         ef = ef[~seen].reset_index(drop=True)
         known |= set(ef["sha256"])

@@ -54,8 +54,11 @@ def frechet(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray
 
 
 def _gaussian(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance of the rows of ``x`` (a zero covariance for a single row)."""
     x = np.asarray(x, float)
-    return x.mean(0), np.cov(x, rowvar=False).reshape(x.shape[1], x.shape[1]) if len(x) > 1 else np.zeros((x.shape[1],) * 2)
+    d = x.shape[1]
+    cov = np.cov(x, rowvar=False).reshape(d, d) if len(x) > 1 else np.zeros((d, d))
+    return x.mean(0), cov
 
 
 def build_reference(train_hists: np.ndarray, train_embeddings: np.ndarray | None, val_hists: np.ndarray,

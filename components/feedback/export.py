@@ -11,7 +11,9 @@ adds it to the training split (components.data.extra).
 from __future__ import annotations
 
 import csv
+import io
 import json
+from collections import Counter
 from pathlib import Path
 
 from components.feedback.store import FeedbackStore
@@ -19,16 +21,20 @@ from components.feedback.store import FeedbackStore
 MANIFEST = "manifest.csv"
 COLUMNS = ["file", "label", "label_source", "sha256", "reason", "source", "received_at", "edge_label", "cloud_label",
            "model_versions"]
-_MAGIC = [(b"\x89PNG\r\n\x1a\n", ".png"), (b"\xff\xd8\xff", ".jpg"), (b"BM", ".bmp"), (b"II*\x00", ".tif"),
-          (b"MM\x00*", ".tif")]
+_SUFFIX = {"PNG": ".png", "JPEG": ".jpg", "BMP": ".bmp", "TIFF": ".tif"}  # what the folder dataset reads
 
 
 def image_suffix(data: bytes) -> str:
-    """The file suffix of an encoded image (what the folder dataset reads), from its first bytes."""
-    for magic, suffix in _MAGIC:
-        if data.startswith(magic):
-            return suffix
-    raise ValueError("not a PNG, JPEG, BMP or TIFF image")
+    """The file suffix of an encoded image, from the format Pillow identifies (without decoding the pixels)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        fmt = Image.open(io.BytesIO(data)).format
+    except UnidentifiedImageError:
+        fmt = None
+    if fmt not in _SUFFIX:
+        raise ValueError(f"not a PNG, JPEG, BMP or TIFF image ({fmt or 'unidentified'})")
+    return _SUFFIX[fmt]
 
 
 def read_corrections(path: str | Path | None) -> dict[str, str]:
@@ -91,8 +97,5 @@ def export(location: str, to: str | Path, *, corrections: str | Path | None = No
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         w.writeheader()
         w.writerows(rows)
-    by_class: dict[str, int] = {}
-    for r in rows:
-        by_class[r["label"]] = by_class.get(r["label"], 0) + 1
     return {"exported": len(rows), "skipped_unreadable": skipped, "corrected": sum(r["label_source"] == "person" for r in rows),
-            "by_class": dict(sorted(by_class.items())), "to": str(to)}
+            "by_class": dict(sorted(Counter(r["label"] for r in rows).items())), "to": str(to)}

@@ -266,5 +266,3 @@ def _tier(answer: dict | None) -> dict | None:
     return {k: answer.get(k) for k in ("label", "label_index", "probabilities", "model_version", "confidence")
             if k in answer}
 
-
-DISABLED = {"enabled": False}

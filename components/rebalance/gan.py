@@ -25,7 +25,6 @@ every generated row carries it (``generator_version`` column and ``attrs``).
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import os
@@ -42,7 +41,7 @@ from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from components import storage as _storage
-from components.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
+from components.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png, save_picture
 from components.progress import RemoteBar, post
 
 GENERATOR_FILE = "generator.pt"
@@ -541,12 +540,7 @@ def save_sample_grid(generator_path: str | os.PathLike, real_frame: pd.DataFrame
                 paste(decode_image(pool[i], meta["in_chans"], max_pixels), label_w + j * (cell + pad), y)
         for j, img in enumerate(_sample(gen, c, per_class, seed)):
             paste(img, x_gen + j * (cell + pad), y)
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    canvas.save(buf, format="PNG")
-    out.write_bytes(buf.getvalue())
-    return out
+    return save_picture(canvas, out_path)
 
 
 __all__ = ["GENERATOR_FILE", "Discriminator", "GanResult", "Generator", "GeneratorFileError", "check_image_size",

@@ -939,7 +939,7 @@ def _feedback(feedback: dict | None, base_dir: str | None) -> dict | None:
     settings = dict(feedback)
     FeedbackSettings.from_dict(settings)
     if settings.get("enabled") and not is_uri(settings["location"]):
-        settings["location"] = str(Path(_resolve(settings["location"], base_dir)).resolve())
+        settings["location"] = _resolve(settings["location"], base_dir)
     return settings
 
 
