@@ -591,6 +591,28 @@ def _split_logits(p: Params, split: str, cloud_path: Path, edge_path: Path, edge
     return {k: np.concatenate(v) for k, v in out.items()}
 
 
+def _drift_reference(p: Params, cloud_path: Path) -> dict:
+    """Drift reference of the promoted cloud model: the training split's input histograms and embeddings,
+    null levels from the validation split (components.feedback.reference)."""
+    import torch
+
+    from components.feedback.reference import drift_reference
+    from components.models import load_model
+
+    model, meta = load_model(cloud_path)
+    model = model.eval().to(memory_format=torch.channels_last)
+    d, bs = p("serve.drift"), p("evaluate.batch_size")
+    batches = {split: bar(_batches(p, PREPARED / "shards", split, None, meta, bs), desc=f"drift reference ({split})",
+                          unit="batch") for split in ("train", "val")}
+    ref = drift_reference(model, batches["train"], batches["val"], window=d["window"], components=d["components"],
+                          seed=p("seed"))
+    ref.update(image_size=int(meta["image_size"]), in_chans=int(meta["in_chans"]), model_name=str(meta["model_name"]))
+    _say(f"calibrate: drift reference from {ref['train_images']} training and {ref['val_images']} validation images "
+         f"(null levels: intensity PSI {ref['intensity_null95']:.4f}, embedding Frechet "
+         f"{ref.get('embedding_null95', float('nan')):.3f})")
+    return ref
+
+
 def write_edge_bundle(directory: Path, onnx_path: Path, edge_model: Path, args: dict, cal: dict) -> Path:
     """The edge bundle (components.edge.bundle): the int8 ONNX edge model, its classes, input, temperature
     and the cascade threshold, in a directory to copy to the device."""
@@ -598,7 +620,11 @@ def write_edge_bundle(directory: Path, onnx_path: Path, edge_model: Path, args: 
     from components.models.checkpoint import load_model
 
     _, meta = load_model(edge_model)
-    return write_bundle(directory, onnx_path, model_name=str(meta["model_name"]),
+    drift = args.get("drift") or {}
+    if drift:
+        drift = {"drift_reference": drift["reference"], "drift_threshold": float(drift["threshold"]),
+                 "drift_check_every": int(drift["check_every"])}
+    return write_bundle(directory, onnx_path, model_name=str(meta["model_name"]), **drift,
                         model_version=str(args["model_version"]),
                         class_names=[str(n) for n in meta["class_names"]], image_size=int(meta["image_size"]),
                         in_chans=int(meta["in_chans"]), temperature=float(cal["edge"]["temperature"]),
@@ -686,6 +712,8 @@ def calibrate(p: Params) -> dict:
     _write_json(SERVE_DIR / "model_card.json", card)
     (SERVE_DIR / "MODEL_CARD.md").write_text(card_markdown(card))
     write_serve_config(SERVE_DIR / "serve_config.yaml", config)
+    if args.get("drift"):  # reference statistics of the training inputs: GET /drift compares with them
+        _write_json(Path(args["drift"]["reference"]), _drift_reference(p, Path(files["full"])))
     if edge_onnx is not None:  # what `resops edge` runs on a device: the int8 model and its calibration
         write_edge_bundle(SERVE_DIR / "edge", edge_onnx, edge_model, args, cal)
     metrics = {"threshold": float(threshold), "target": c["target"], "target_value": c["value"],

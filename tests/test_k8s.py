@@ -666,7 +666,7 @@ def test_dockerfile_installs_the_lock_then_resops_as_non_root():
                 if ln.strip() and not ln.startswith("#")]
     needed = ["k8s/workspace.sh", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", "requirements.lock",
               "pyproject.toml", "components/serve/app.py", "pipelines/cli.py", "models/promoted/full.pt",
-              "models/promoted/edge_int8.onnx", "models/serve/serve_config.yaml"]
+              "models/promoted/edge_int8.onnx", "models/serve/serve_config.yaml", "models/serve/drift_reference.json"]
     assert [p for p in needed if _dockerignore_excludes(patterns, p)] == []
     left_out = [".venv/bin/python", ".git/HEAD", "data/raw/elpv/x.png", ".dvc/cache/files/md5/ab/cd",
                 "models/train/checkpoints/run/epoch_0001", "components/__pycache__/x.pyc"]

@@ -197,6 +197,14 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     assert onnx.read_bytes() == (proj / "models/promoted/edge_int8.onnx").read_bytes()
     assert bundle.model_version == entry["version"] and bundle.threshold == serve_metrics["threshold"]
     assert bundle.temperature == serve_metrics["edge_temperature"] and len(bundle.class_names) == 2
+    # ... and the drift reference (serve.drift): statistics of this run's training split, in the bundle too.
+    ref = json.loads((proj / "models/serve/drift_reference.json").read_text())
+    report = json.loads((proj / "data/prepared/report.json").read_text())
+    assert ref["train_images"] == sum(report["counts"]["train"].values()) > 0, (ref["train_images"], report["counts"])
+    assert ref["val_images"] == sum(report["counts"]["val"].values()) > 0
+    assert app["args"]["drift"]["reference"] == "models/serve/drift_reference.json"
+    assert (proj / "models/serve/edge" / bundle.drift_reference).read_bytes() == \
+        (proj / "models/serve/drift_reference.json").read_bytes()
     # `dvc metrics show` reads the declared metrics files.
     shown = _run(["dvc", "metrics", "show", "--json"], proj, env)
     assert "metrics/evaluate.json" in shown and "metrics/train.json" in shown and "metrics/serve.json" in shown
@@ -359,6 +367,8 @@ def test_resops_serve_answers_over_http(repro):
         r = httpx.post(f"{base}/predict", content=b"this is not an image", timeout=30)
         assert 400 <= r.status_code < 500 and "image" in r.json()["error"].lower()
         assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200
+        drift = httpx.get(f"{base}/drift", timeout=10).json()  # the watch runs; a few inputs declare nothing
+        assert drift["enabled"] and drift["inputs_seen"] >= 4 and drift["score"] is None and not drift["drifted"]
         # The CLI client prints the same answer.
         img = proj / "cell.png"
         img.write_bytes(_png())

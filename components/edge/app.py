@@ -17,6 +17,8 @@ refused exactly as the Serve app does (components.serve.http).
     GET /healthz   the local model is loaded -> the cloud link and the outbox (200 with or without the cloud)
     GET /models    the edge model, its calibration and threshold, the cloud URL
     GET /outbox    the outbox counts and the latest resent inputs (edge label next to the cloud's)
+    GET /feedback  what the feedback recorder kept (--feedback)
+    GET /drift     input drift against the training inputs (the bundle's drift reference: intensities)
 """
 from __future__ import annotations
 
@@ -75,6 +77,14 @@ class EdgeRuntime:
         settings = FeedbackSettings.from_dict(feedback)
         # what the device saw: escalated, unsure and sampled inputs, for the next data version (components.feedback)
         self.feedback = FeedbackRecorder(settings, source="edge") if settings.enabled else None
+        self.drift = None
+        if bundle.drift_reference:  # the intensities of what the device sees against the training inputs'
+            from components.feedback.drift import DriftMonitor, load_reference
+
+            ref = load_reference(Path(bundle_path).resolve() / bundle.drift_reference if Path(bundle_path).is_dir()
+                                 else Path(bundle_path).resolve().parent / bundle.drift_reference)
+            self.drift = DriftMonitor(ref, bundle.drift_threshold or 3.0, check_every=bundle.drift_check_every,
+                                      name="edge")
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="edge-model")
         self._client = None
         self._resender: asyncio.Task | None = None
@@ -144,7 +154,13 @@ class EdgeRuntime:
 
     # ------------------------------------------------------------------ one image
     async def _local(self, data: bytes) -> dict:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, self.model.predict, data)
+        observe = self._observe if self.drift is not None else None
+        return await asyncio.get_running_loop().run_in_executor(self._pool, self.model.predict, data, observe)
+
+    def _observe(self, x) -> None:
+        from components.feedback.drift import input_histograms
+
+        self.drift.observe(histogram=input_histograms(x, self.drift.ref["bins"])[0])
 
     async def classify(self, data: bytes, mode: str, threshold: float) -> dict:
         start = time.perf_counter()
@@ -283,6 +299,16 @@ def create_app(bundle_path: str | Path, *, auth_token: str | None = None, auth_t
         except BadRequest as exc:
             return refused(exc)
         return rt.feedback.stats() if rt.feedback is not None else {"enabled": False}
+
+    @api.get("/drift", responses={401: {"model": ErrorResponse}})
+    async def drift(request: Request):
+        """Do the device's inputs still look like the training inputs? The intensity score against the
+        bundle's drift reference (1 = the in-distribution 95th percentile) and whether drift is declared."""
+        try:
+            reader.authorize(request)
+        except BadRequest as exc:
+            return refused(exc)
+        return rt.drift.check() if rt.drift is not None else {"enabled": False}
 
     @api.get("/outbox", response_model=OutboxStats, responses={401: {"model": ErrorResponse},
                                                                 404: {"model": ErrorResponse}})

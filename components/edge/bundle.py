@@ -35,6 +35,10 @@ class EdgeBundle(BaseModel):
     max_image_pixels: int = Field(50_000_000, gt=0)
     min_image_side: int = Field(8, ge=1)
     max_batch_images: int = Field(64, ge=1)
+    drift_reference: str | None = Field(None, description="the drift reference (serve.drift), relative to the "
+                                                          "bundle directory; None: no drift watch")
+    drift_threshold: float | None = Field(None, gt=0, description="serve.drift.threshold")
+    drift_check_every: int = Field(20, ge=1, description="serve.drift.check_every")
 
     @field_validator("in_chans")
     @classmethod
@@ -53,12 +57,17 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def write_bundle(directory: str | Path, onnx_path: str | Path, **fields) -> Path:
-    """Copy ``onnx_path`` into ``directory`` and write ``edge.json`` (``fields``: :class:`EdgeBundle`'s)."""
+def write_bundle(directory: str | Path, onnx_path: str | Path, *, drift_reference: str | Path | None = None,
+                 **fields) -> Path:
+    """Copy ``onnx_path`` (and ``drift_reference``, if any) into ``directory`` and write ``edge.json``
+    (``fields``: :class:`EdgeBundle`'s)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / Path(onnx_path).name
     shutil.copy2(onnx_path, target)
+    if drift_reference is not None:
+        shutil.copy2(drift_reference, directory / Path(drift_reference).name)
+        fields["drift_reference"] = Path(drift_reference).name
     bundle = EdgeBundle(onnx=target.name, sha256=file_sha256(target), **fields)
     (directory / MANIFEST).write_text(json.dumps(bundle.model_dump(), indent=2) + "\n")
     return directory / MANIFEST

@@ -104,14 +104,17 @@ class EdgeModel:
         """Calibrated probabilities of a float32 NCHW batch."""
         return softmax(self.logits(batch), self.bundle.temperature)
 
-    def predict(self, data: bytes) -> dict:
+    def predict(self, data: bytes, observe=None) -> dict:
         """One image: label, calibrated probabilities, top confidence; or ``{"error", "reason"}`` for bad
-        input (the reason maps to the same status code as the Serve app's)."""
+        input (the reason maps to the same status code as the Serve app's). ``observe(x)`` is called
+        with the model input (the drift watch)."""
         start = time.perf_counter()
         try:
             x = self.preprocess(data)
         except ImageDecodeError as exc:
             return decode_error(exc)
+        if observe is not None:
+            observe(x)
         probs = self.probabilities(x[None])[0]
         index = int(np.argmax(probs))
         return {"label": self.class_names[index], "label_index": index, "confidence": float(probs[index]),

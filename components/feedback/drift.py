@@ -13,15 +13,57 @@ Each is divided by its **null level**: the 95th percentile of the same statistic
 same size drawn from held-out in-distribution images (the validation split). A score of 1 is what
 an ordinary window of in-distribution inputs reaches one time in twenty; the drift threshold
 (``serve.drift.threshold``) is on that scale.
+
+The reference is written by the calibrate stage (``models/serve/drift_reference.json``, also in the
+edge bundle: :mod:`components.feedback.reference`); the Serve app's router and the edge runtime each
+keep a :class:`DriftMonitor` and answer ``GET /drift``.
 """
 from __future__ import annotations
 
 import collections
+import json
+import logging
 import threading
+from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 EPS = 1e-4
+# The models' input normalisation (components.augment.resize.normalise, components.edge.model):
+# x = (pixel - 127.5) / 63.75. Repeated here so the edge runtime needs neither OpenCV nor torch.
+PIXEL_MEAN, PIXEL_SCALE = 127.5, 63.75
+log = logging.getLogger("resops.drift")
+
+
+class DriftSettings(BaseModel):
+    """``serve.drift`` in params.yaml (every key required: params.yaml holds the defaults)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    enabled: bool
+    threshold: float = Field(gt=0, description="drift is declared when a full window's score exceeds this "
+                                               "(1 = the 95th percentile of in-distribution windows)")
+    window: int = Field(ge=10, description="inputs in the rolling window (and in the null windows of the reference)")
+    components: int = Field(ge=1, description="principal components of the embeddings the Frechet distance uses")
+    embed_rate: float = Field(ge=0, le=1, description="share of requests whose cloud embedding is observed: a "
+                                                      "random sample, sent to the cloud also when not escalated")
+    check_every: int = Field(ge=1, description="the score (metrics, the warning) is recomputed every this many inputs")
+
+
+def input_histograms(x: np.ndarray, bins: int = 32) -> np.ndarray:
+    """Histograms of model inputs (normalised float32 ``[C, H, W]`` or ``[N, C, H, W]``), in pixel values."""
+    x = np.asarray(x, np.float32)
+    x = x[None] if x.ndim == 3 else x
+    pixels = np.clip(np.rint(x * PIXEL_SCALE + PIXEL_MEAN), 0, 255).astype(np.uint8)
+    return intensity_histogram(pixels, bins)
+
+
+def load_reference(path: str | Path) -> dict:
+    ref = json.loads(Path(path).read_text())
+    missing = {"window", "bins", "intensity", "intensity_null95"} - set(ref)
+    if missing:
+        raise ValueError(f"{path}: not a drift reference (missing {sorted(missing)})")
+    return ref
 
 
 def intensity_histogram(images: np.ndarray, bins: int = 32) -> np.ndarray:
@@ -86,7 +128,7 @@ def build_reference(train_hists: np.ndarray, train_embeddings: np.ndarray | None
 class DriftMonitor:
     """Rolling statistics of the inputs a server receives, scored against a reference (thread-safe)."""
 
-    def __init__(self, reference: dict, threshold: float = 3.0):
+    def __init__(self, reference: dict, threshold: float, *, check_every: int = 0, name: str = "serve"):
         self.ref, self.threshold = reference, float(threshold)
         self.window = int(reference["window"])
         self._hists: collections.deque = collections.deque(maxlen=self.window)
@@ -94,21 +136,49 @@ class DriftMonitor:
         emb = reference.get("embedding")
         self._emb = None if emb is None else {k: np.asarray(v) for k, v in emb.items()}
         self._lock = threading.Lock()
-        self.seen = 0
+        self.seen = self.embedded = 0
+        self.check_every, self.name = int(check_every), name
+        self.last: dict | None = None  # the latest periodic score (check_every > 0)
 
-    def observe(self, image: np.ndarray | None = None, embedding: np.ndarray | None = None) -> None:
-        """One input: its uint8 pixels at the model's size, and/or the cloud model's embedding of it."""
+    @property
+    def has_embeddings(self) -> bool:
+        return self._emb is not None
+
+    def observe(self, image: np.ndarray | None = None, embedding: np.ndarray | None = None, *,
+                histogram: np.ndarray | None = None) -> None:
+        """One input: its uint8 pixels at the model's size (or their ``histogram``), and/or the cloud
+        model's embedding of it. Every ``check_every`` inputs the score is recomputed (``last``) and a
+        change of the verdict is logged (a warning when drift is declared)."""
+        if image is not None:
+            histogram = intensity_histogram(np.asarray(image)[None], self.ref["bins"])[0]
         with self._lock:
-            self.seen += 1
-            if image is not None:
-                self._hists.append(intensity_histogram(np.asarray(image)[None], self.ref["bins"])[0])
+            if histogram is not None:
+                self.seen += 1
+                self._hists.append(np.asarray(histogram, float))
             if embedding is not None and self._emb is not None:
+                self.embedded += 1
                 self._embeddings.append((np.asarray(embedding, float) - self._emb["mean"]) @ self._emb["basis"].T)
+            due = self.check_every > 0 and histogram is not None and self.seen % self.check_every == 0
+        if due:
+            self.check()
+
+    def check(self) -> dict:
+        """Score now, remember it as ``last`` and log when the verdict changes."""
+        before = bool(self.last and self.last["drifted"])
+        s = self.last = self.score()
+        if s["drifted"] and not before:
+            log.warning("%s: input drift: score %.2f > threshold %.2f over the last %d inputs (intensity %s, "
+                        "embedding %s); see GET /drift", self.name, s["score"], self.threshold, self.window,
+                        _fmt(s["intensity"]), _fmt(s["embedding"]))
+        elif before and not s["drifted"]:
+            log.info("%s: input drift cleared: score %.2f <= %.2f", self.name, s["score"] or 0.0, self.threshold)
+        return s
 
     def score(self) -> dict:
         with self._lock:
             hists, embs = list(self._hists), list(self._embeddings)
-        out = {"window": self.window, "inputs_seen": self.seen, "threshold": self.threshold,
+        out = {"enabled": True, "window": self.window, "inputs_seen": self.seen, "embedded": self.embedded,
+               "threshold": self.threshold,
                "intensity": None, "embedding": None}
         if hists:
             value = psi(self.ref["intensity"], np.mean(hists, 0))
@@ -118,9 +188,16 @@ class DriftMonitor:
             value = frechet(self._emb["mu"], self._emb["cov"], *_gaussian(np.stack(embs)))
             out["embedding"] = {"frechet": value, "score": value / max(self.ref["embedding_null95"], EPS),
                                 "inputs": len(embs)}
-        scores = [s["score"] for s in (out["intensity"], out["embedding"]) if s is not None]
+        # A statistic counts once its window is full (the null level is for full windows; a few inputs
+        # say little): the score is the highest full one's, None while none is full.
+        for part in (out["intensity"], out["embedding"]):
+            if part is not None:
+                part["full"] = part["inputs"] >= self.window
+        scores = [s["score"] for s in (out["intensity"], out["embedding"]) if s is not None and s["full"]]
         out["score"] = max(scores) if scores else None
-        # a window that is not full yet says little: drift is only declared on a full one
-        full = max(len(hists), len(embs)) >= self.window
-        out["drifted"] = bool(full and out["score"] is not None and out["score"] > self.threshold)
+        out["drifted"] = bool(out["score"] is not None and out["score"] > self.threshold)
         return out
+
+
+def _fmt(part: dict | None) -> str:
+    return "n/a" if part is None else f"{part['score']:.2f}"

@@ -50,7 +50,9 @@ Errors are JSON ``{"error": "<what is wrong>"}`` and never take the server down:
 
 import asyncio
 import copy
+import logging
 import os
+import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -70,6 +72,8 @@ from components.serve.schema import (DETECT_ERRORS, EXPLAIN_ERRORS, MODES, PREDI
                                      BatchDetectResponse, BatchPredictResponse, DetectResponse, ErrorResponse,
                                      ExplainResponse, HealthResponse, ModelsResponse, PredictResponse,
                                      SignalPredictResponse)
+
+logger = logging.getLogger("ray.serve")
 
 def read_model_info(model_path: str) -> dict:
     """Load a model file in this process to validate it; return its metadata.
@@ -222,6 +226,12 @@ class _Tier:
             self.model = None
         else:
             self.model = model.eval().to(memory_format=torch.channels_last)
+        # the drift watch's embeddings: the input of a torch classifier's head, kept by a forward hook
+        self._tap = None
+        if self.model is not None and self.task == "classify":
+            from components.feedback.reference import EmbeddingTap
+
+            self._tap = EmbeddingTap(self.model)
         self.backend = "onnxruntime" if self.onnx is not None else "torch"
         self.files = [Path(p).name for p in filter(None, (model_path, onnx_path))]
         self.model_version = model_version
@@ -259,9 +269,10 @@ class _Tier:
                               image_size=int(self.meta["image_size"]), in_chans=int(self.meta["in_chans"]))
         return out["image"][0], tuple(int(v) for v in out["orig_size"][0])
 
-    def forward(self, batch: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities of a float32 NCHW batch; for a detector, its decoded predictions
-        (N, P, 5 + C): xyxy in input pixels, objectness, class probabilities."""
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Calibrated probabilities of a float32 NCHW batch and, from a torch classifier, its
+        penultimate-layer embeddings (else None); for a detector, its decoded predictions (N, P, 5 + C):
+        xyxy in input pixels, objectness, class probabilities."""
         from components.evaluate.calibration import softmax
 
         if self.task == "detect":
@@ -271,7 +282,8 @@ class _Tier:
             x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 outs = self.model(x)
-                return decode([o.float() for o in outs], self.model.anchors, tuple(x.shape[-2:])).numpy()
+                return decode([o.float() for o in outs], self.model.anchors, tuple(x.shape[-2:])).numpy(), None
+        embeddings = None
         if self.onnx is not None:
             logits = self.onnx.logits(batch, batch_size=len(batch))
         else:
@@ -279,16 +291,17 @@ class _Tier:
             x = torch.from_numpy(batch).contiguous(memory_format=torch.channels_last)
             with torch.inference_mode():
                 logits = self.model(x).float().numpy()
-        return softmax(logits, self.temperature).astype(np.float32)
+            embeddings = self._tap.last if self._tap is not None else None
+        return softmax(logits, self.temperature).astype(np.float32), embeddings
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def _infer(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, int]]:
+    async def _infer(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, np.ndarray | None, int]]:
         loop = asyncio.get_running_loop()
-        probs = await loop.run_in_executor(self._forward_pool, self.forward, np.stack(images))
+        probs, embeddings = await loop.run_in_executor(self._forward_pool, self.forward, np.stack(images))
         st = self.batch_stats
         st["batches"], st["images"] = st["batches"] + 1, st["images"] + len(images)
         st["max_batch_size"] = max(st["max_batch_size"], len(images))
-        return [(p, len(images)) for p in probs]
+        return [(p, None if embeddings is None else embeddings[i], len(images)) for i, p in enumerate(probs)]
 
     async def _decode(self, preprocess, data: bytes) -> tuple[object, dict | None]:
         """``(preprocess(data), None)`` computed off the event loop, or ``(None, {"error", "reason"})``
@@ -298,23 +311,35 @@ class _Tier:
         except ImageDecodeError as exc:
             return None, decode_error(exc)
 
-    async def predict(self, data: bytes) -> dict:
+    async def predict(self, data: bytes, histogram: bool = False, embed: bool = False) -> dict:
+        """One image's answer; with ``histogram`` / ``embed`` also the drift statistics of it (the
+        histogram of its model input; the penultimate-layer embedding), which the router takes out."""
         start = time.perf_counter()
         image, error = await self._decode(self.preprocess, data)
         if error:
             return error
-        probs, batch_size = await self._infer(image)
-        return prediction(probs, self.class_names, self.model_version, str(self.meta["model_name"]), batch_size, start)
+        out = await self._answer(image, start, embed)
+        if histogram:
+            from components.feedback.drift import input_histograms
 
-    async def predict_array(self, image: np.ndarray) -> dict:
+            out["input_histogram"] = input_histograms(image)[0].tolist()
+        return out
+
+    async def predict_array(self, image: np.ndarray, embed: bool = False) -> dict:
         """An input the ingress already decoded and preprocessed (float32 CHW at this tier's size and
         channels) -> as :meth:`predict`: the image is decoded once per request, not once per tier."""
         start = time.perf_counter()
         expected = (int(self.meta["in_chans"]), int(self.meta["image_size"]), int(self.meta["image_size"]))
         if tuple(image.shape) != expected:
             raise ValueError(f"{self.tier}: input of shape {tuple(image.shape)}, expected {expected}")
-        probs, batch_size = await self._infer(np.asarray(image, dtype=np.float32))
-        return prediction(probs, self.class_names, self.model_version, str(self.meta["model_name"]), batch_size, start)
+        return await self._answer(np.asarray(image, dtype=np.float32), start, embed)
+
+    async def _answer(self, image: np.ndarray, start: float, embed: bool) -> dict:
+        probs, embedding, batch_size = await self._infer(image)
+        out = prediction(probs, self.class_names, self.model_version, str(self.meta["model_name"]), batch_size, start)
+        if embed and embedding is not None:
+            out["embedding"] = embedding.tolist()
+        return out
 
     async def detect(self, data: bytes, score_threshold: float, iou_threshold: float, max_detections: int) -> dict:
         """Boxes on one image in its own pixels, or ``{"error", "reason"}`` like :meth:`predict`."""
@@ -327,7 +352,7 @@ class _Tier:
         if error:
             return error
         image, orig = decoded_input
-        decoded, batch_size = await self._infer(image)
+        decoded, _, batch_size = await self._infer(image)
         torch = self._torch
         size = tuple(image.shape[-2:])
         det = postprocess(torch.from_numpy(decoded)[None], score_threshold=score_threshold, iou_threshold=iou_threshold,
@@ -464,6 +489,20 @@ class RouterMetrics:
     def refused(self, reason: str) -> None:
         self.errors.inc(tags={"reason": reason})
 
+    def drift(self, score: dict) -> None:
+        """The drift watch's latest score (serve.drift): per statistic, and whether drift is declared."""
+        from ray.serve import metrics
+
+        if not hasattr(self, "drift_score"):
+            self.drift_score = metrics.Gauge("resops_drift_score", tag_keys=("statistic",),
+                                             description="input drift over the last window of requests, in units "
+                                                         "of the in-distribution 95th percentile (serve.drift)")
+            self.drifted = metrics.Gauge("resops_drift_declared", description="1 while input drift is declared")
+        for name in ("intensity", "embedding"):
+            if score[name] is not None:
+                self.drift_score.set(score[name]["score"], tags={"statistic": name})
+        self.drifted.set(float(score["drifted"]))
+
 
 @serve.deployment
 @serve.ingress(api)
@@ -473,7 +512,8 @@ class Router:
     def __init__(self, edge: DeploymentHandle | dict, cloud: DeploymentHandle, info: dict, *, default_mode: str = "cascade",
                  threshold: float = 0.5, max_body_bytes: int = 10_000_000, max_batch_images: int = 64,
                  auth_token: str | None = None, auth_token_env: str | None = None, signal: dict | None = None,
-                 detection: dict | None = None, health_timeout_s: float = 2.0, feedback: dict | None = None):
+                 detection: dict | None = None, health_timeout_s: float = 2.0, feedback: dict | None = None,
+                 drift: dict | None = None):
         if default_mode not in MODES:
             raise ValueError(f"default_mode must be one of {MODES}, got {default_mode!r}")
         # `edge` is the edge deployment's handle, or (placement: ingress) the settings of the edge model
@@ -502,6 +542,15 @@ class Router:
         # serve.feedback: escalated, unsure and sampled requests kept for the next data version (never
         # blocking or failing a request; components.feedback)
         self.feedback = FeedbackRecorder(settings, source="serve") if settings.enabled else None
+        self.drift, self._embed_tasks = None, set()
+        if drift and self.task == "classify":
+            from components.feedback.drift import DriftMonitor
+
+            # serve.drift: rolling statistics of what this replica receives against the training inputs'
+            self.drift = DriftMonitor(drift["reference"], drift["threshold"], check_every=drift["check_every"],
+                                      name="serve")
+            self.embed_rate = float(drift["embed_rate"]) if self.drift.has_embeddings else 0.0
+            self._rng = random.Random()
 
     # ------------------------------------------------------------------ routing
     async def classify(self, data: bytes, mode: str, threshold: float) -> dict:
@@ -513,7 +562,7 @@ class Router:
         if self.local_edge is not None:  # decoded here once; the edge model runs in this replica
             result, decoded = await self.local_edge.predict(data, with_edge=mode != "cloud")
         elif mode in ("edge", "cascade"):
-            result = await self.edge.predict.remote(data)
+            result = await self.edge.predict.remote(data, histogram=self.drift is not None)
         if result is not None and "error" in result:
             self.metrics.refused(result["reason"])
             return result
@@ -522,18 +571,27 @@ class Router:
             edge_result, edge_conf, tier = result, result["confidence"], "edge"
             batch_sizes["edge"], versions["edge"] = result["batch_size"], result["model_version"]
         escalate = mode == "cloud" or (mode == "cascade" and edge_conf < threshold)
+        # drift: the input's histogram from whoever decoded it; the cloud embedding of a random sample
+        embed = self.drift is not None and self.embed_rate > 0 and self._rng.random() < self.embed_rate
+        cloud_input = None
+        if decoded is not None and (escalate or embed):
+            cloud_input = self.local_edge.cloud_input(data, decoded)
+        if self.drift is not None:
+            self._observe_input(result, decoded, cloud_input)
         if escalate:
             t = time.perf_counter()
-            cloud_input = data if decoded is None else self.local_edge.cloud_input(data, decoded)
-            if isinstance(cloud_input, np.ndarray):
-                result = await self.cloud.predict_array.remote(cloud_input)
-            else:
-                result = await self.cloud.predict.remote(cloud_input)
+            result = await self._cloud_call(data if cloud_input is None else cloud_input, embed=embed,
+                                            histogram=self.drift is not None and decoded is None and edge_result is None)
             latency["cloud"] = (time.perf_counter() - t) * 1000.0
             if "error" in result:
                 self.metrics.refused(result["reason"])
                 return result
             tier, cloud_result = "cloud", result
+        elif embed:  # not escalated: the cloud embeds it in the background, for the drift watch only
+            task = asyncio.create_task(self._embed_only(data if cloud_input is None else cloud_input))
+            self._embed_tasks.add(task)
+            task.add_done_callback(self._embed_tasks.discard)
+        if escalate:
             batch_sizes["cloud"], versions["cloud"] = result["batch_size"], result["model_version"]
         latency["total"] = (time.perf_counter() - start) * 1000.0
         answer = {"label": result["label"], "label_index": result["label_index"],
@@ -545,6 +603,49 @@ class Router:
         if self.feedback is not None:
             self.feedback.offer(data, answer, threshold=threshold, edge=edge_result, cloud=cloud_result)
         return answer
+
+    # ------------------------------------------------------------------ drift
+    def _observe_input(self, result: dict | None, decoded: tuple | None, cloud_input) -> None:
+        """The histogram of this request's model input: computed here when this replica decoded it,
+        else as the edge tier returned it (the cloud's, for a cloud-mode request: :meth:`_cloud_call`)."""
+        if decoded is not None:
+            img, x = decoded
+            if x is None:
+                x = cloud_input if isinstance(cloud_input, np.ndarray) else None
+            if x is None:
+                from components.augment.resize import validation_tensor
+
+                x = validation_tensor(img, int(self.drift.ref.get("image_size", self.local_edge.image_size)))
+            from components.feedback.drift import input_histograms
+
+            self._drift_observe(histogram=input_histograms(x, self.drift.ref["bins"])[0])
+        elif result is not None and result.get("input_histogram") is not None:
+            self._drift_observe(histogram=result.pop("input_histogram"))
+
+    def _drift_observe(self, **stats) -> None:
+        before = self.drift.last
+        self.drift.observe(**stats)
+        if self.drift.last is not before:  # rescored: the metrics follow
+            self.metrics.drift(self.drift.last)
+
+    async def _cloud_call(self, cloud_input, *, embed: bool = False, histogram: bool = False) -> dict:
+        """The cloud tier on the ingress-decoded input (an array) or the bytes; the drift statistics it
+        returns on request (``embed``: its embedding; ``histogram``: of the input it decoded) are taken
+        out of the answer and observed."""
+        if isinstance(cloud_input, np.ndarray):
+            result = await self.cloud.predict_array.remote(cloud_input, embed=embed)
+        else:
+            result = await self.cloud.predict.remote(cloud_input, histogram=histogram, embed=embed)
+        h, e = result.pop("input_histogram", None), result.pop("embedding", None)
+        if self.drift is not None and (h is not None or e is not None):
+            self._drift_observe(histogram=h, embedding=e)
+        return result
+
+    async def _embed_only(self, cloud_input) -> None:
+        try:
+            await self._cloud_call(cloud_input, embed=True)
+        except Exception as exc:  # the drift watch never fails a request; a lost sample is only a smaller window
+            logger.debug("drift: a sampled cloud embedding failed (%s: %s)", type(exc).__name__, exc)
 
     @api.post("/predict", response_model=PredictResponse | BatchPredictResponse,
               openapi_extra={"requestBody": PREDICT_BODY, "parameters": PREDICT_PARAMS},
@@ -734,6 +835,16 @@ class Router:
         return HealthResponse(default_mode=self.default_mode,
                               model_versions={t: self.info[t]["model_version"] for t in ("edge", "cloud")})
 
+    @api.get("/drift", responses={401: {"model": ErrorResponse}})
+    async def drift_score(self, request: Request):
+        """Does what this replica receives still look like the training inputs? Rolling scores against
+        the drift reference (1 = the in-distribution 95th percentile) and whether drift is declared."""
+        try:
+            self.reader.authorize(request)
+        except BadRequest as exc:
+            return self._refused(exc)
+        return self.drift.check() if self.drift is not None else {"enabled": False}
+
     @api.get("/feedback", responses={401: {"model": ErrorResponse}})
     async def feedback_stats(self, request: Request):
         """What this replica's feedback recorder kept, dropped and evicted (serve.feedback)."""
@@ -809,7 +920,7 @@ def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str 
               router: dict | None = None, auth_token: str | None = None, auth_token_env: str | None = None,
               calibration: dict | None = None, base_dir: str | None = None, files_sha256: dict | None = None,
               signal: dict | None = None, detection: dict | None = None, model_card: dict | None = None,
-              feedback: dict | None = None):
+              feedback: dict | None = None, drift: dict | None = None):
     """``(application, deployments)``: the Serve application and each deployment's options as a Serve
     config lists them (``name``, replicas or autoscaling, ``max_ongoing_requests``, ``ray_actor_options``,
     ``user_config``), the ones the application's deployments are given.
@@ -830,7 +941,9 @@ def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str 
     ``detection`` holds its defaults (``score_threshold``, ``iou_threshold``, ``max_detections``).
     ``files_sha256`` (file name -> sha256, as the Serve config records them) pins the model files:
     a file that differs raises ``CheckpointError``, so a config never serves other weights than the
-    ones it was written for.
+    ones it was written for. ``feedback`` is ``serve.feedback``; ``drift`` (``reference``: the calibrate
+    stage's drift reference file, ``threshold``, ``embed_rate``, ``check_every``) adds the drift watch of
+    ``GET /drift``.
     """
     cloud_model = _resolve(cloud_model, base_dir)
     edge_model = _resolve(edge_model, base_dir) or cloud_model
@@ -925,7 +1038,8 @@ def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str 
     app = Router.options(**router_options).bind(
         handles["edge"], handles["cloud"], info, default_mode=default_mode, threshold=threshold,
         max_body_bytes=max_body_bytes, max_batch_images=max_batch_images, auth_token=auth_token,
-        auth_token_env=auth_token_env, signal=signal, detection=detection, feedback=_feedback(feedback, base_dir))
+        auth_token_env=auth_token_env, signal=signal, detection=detection, feedback=_feedback(feedback, base_dir),
+        drift=_drift(drift, base_dir))
     return app, copy.deepcopy(specs)
 
 
@@ -941,6 +1055,23 @@ def _feedback(feedback: dict | None, base_dir: str | None) -> dict | None:
     if settings.get("enabled") and not is_uri(settings["location"]):
         settings["location"] = _resolve(settings["location"], base_dir)
     return settings
+
+
+def _drift(drift: dict | None, base_dir: str | None) -> dict | None:
+    """``drift`` (components.serve.config.drift_args) with its reference read now: a missing file fails
+    the deployment here, not in a replica."""
+    if not drift:
+        return None
+    from components.feedback.drift import load_reference
+
+    unknown = set(drift) - {"reference", "threshold", "embed_rate", "check_every"}
+    if unknown:
+        raise ValueError(f"unknown drift options {sorted(unknown)}")
+    path = _resolve(drift["reference"], base_dir)
+    if not Path(path).exists():
+        raise FileNotFoundError(f"drift reference {path} does not exist: run the calibrate stage (`dvc repro`) "
+                                "or set serve.drift.enabled: false")
+    return {**drift, "reference": load_reference(path)}
 
 
 def app_builder(args: dict):

@@ -236,4 +236,18 @@ def serve_args(params, promoted_dir: str | Path, calibration: dict | None, prepa
         "edge": tier_settings(s["edge"]), "cloud": tier_settings(s["cloud"]), "router": dict(s["router"]),
         "calibration": calibration, "feedback": dict(s["feedback"]),
         **({"signal": signal} if signal else {}),
+        **({"drift": drift_args(s["drift"])} if s.get("drift", {}).get("enabled") else {}),
     }
+
+
+# Written by the calibrate stage next to the Serve config (components.feedback.reference).
+DRIFT_REFERENCE = "models/serve/drift_reference.json"
+
+
+def drift_args(settings: dict) -> dict:
+    """``serve.drift`` checked, with the reference file the router loads."""
+    from components.feedback.drift import DriftSettings
+
+    d = DriftSettings(**settings)
+    return {"reference": DRIFT_REFERENCE, "threshold": d.threshold, "embed_rate": d.embed_rate,
+            "check_every": d.check_every}
