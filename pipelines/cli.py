@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from components import ResopsError
+
 
 def _params(args):
     from pipelines.params import load_params
@@ -191,7 +193,10 @@ def cmd_predict(args) -> int:
             print("resops predict --explain: images of a classifier app only", file=sys.stderr)
             return 2
         r = httpx.post(args.url.rstrip("/") + "/explain", content=data, headers=headers, timeout=args.timeout)
-        body = r.json()
+        try:
+            body = r.json()
+        except ValueError:
+            raise ResopsError(f"{args.url}/explain answered {r.status_code} without JSON: {r.text[:120]!r}") from None
         if r.status_code == 200:
             import base64
 
@@ -202,7 +207,11 @@ def cmd_predict(args) -> int:
         return 0 if r.status_code == 200 else 1
     path = "/predict_signal" if signal_type else ("/detect" if args.detect else "/predict")
     r = httpx.post(args.url.rstrip("/") + path, content=data, params=query, headers=headers, timeout=args.timeout)
-    print(json.dumps(r.json(), indent=2))
+    try:
+        body = r.json()
+    except ValueError:  # not resops answering (a proxy's HTML page, an empty 502)
+        raise ResopsError(f"{args.url}{path} answered {r.status_code} without JSON: {r.text[:120]!r}") from None
+    print(json.dumps(body, indent=2))
     return 0 if r.status_code == 200 else 1
 
 
@@ -226,11 +235,36 @@ def main(argv: list[str] | None = None) -> int:
         from components.edge.cli import main as edge_main
 
         return edge_main(argv[1:])
+    args = parse_args(argv)
+    import httpx
+
+    from components.models.checkpoint import CheckpointError
+
+    try:
+        return args.func(args)
+    except (ResopsError, FileNotFoundError, KeyError, ValueError, CheckpointError, ConnectionError) as exc:
+        print(f"resops {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except httpx.HTTPError as exc:  # resops predict: the server is not there, or did not answer in time
+        url = getattr(args, "url", "")
+        print(f"resops {args.command}: error: no answer from {url} ({type(exc).__name__}: {exc or 'timed out'})",
+              file=sys.stderr)
+        return 1
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The command line; ``-S`` before and after the command are merged into ``set``, in that order."""
     ap = argparse.ArgumentParser(prog="resops", description="ResNet18-family visual inspection on Ray: DVC stages, serving.")
+    ap.add_argument("--version", action="version", version=f"resops {_version()}")
     ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override a parameter for this run, e.g. -S train.epochs=2 (repeatable)")
+    set_help = "override a parameter for this run, e.g. -S train.epochs=2 (repeatable; before or after the command)"
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help=set_help)
+    # the same option after the command (`resops run train -S train.epochs=1`), merged below
+    after = argparse.ArgumentParser(add_help=False)
+    after.add_argument("-S", "--set", action="append", dest="set_after", default=[], metavar="KEY=VALUE", help=set_help)
     sub = ap.add_subparsers(dest="command", required=True)
+    _add_parser = sub.add_parser
+    sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[after], **kw)  # every command takes -S
 
     from pipelines.detect_stages import STAGES as DETECT_STAGES
     from pipelines.stages import STAGES
@@ -299,17 +333,21 @@ def main(argv: list[str] | None = None) -> int:
     fe.add_argument("--to", required=True, help="the folder to write, e.g. data/extra/feedback-2026-12")
     fe.add_argument("--corrections", help="CSV of sha256,label rows: labels a person gave (label_source person)")
     fe.set_defaults(func=cmd_feedback_export)
-    sub.add_parser("edge", add_help=False, help="the edge runtime on the device: the int8 edge model, escalating to "
-                                                "the cloud app (`resops edge --help`; needs no Ray or torch)")
+    _add_parser("edge", add_help=False, help="the edge runtime on the device: the int8 edge model, escalating to "
+                                             "the cloud app (`resops edge --help`; needs no Ray or torch)")
 
     args = ap.parse_args(argv)
-    from components.models.checkpoint import CheckpointError
+    args.set = [*args.set, *getattr(args, "set_after", [])]
+    return args
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
     try:
-        return args.func(args)
-    except (FileNotFoundError, KeyError, ValueError, CheckpointError, ConnectionError) as exc:
-        print(f"resops {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return version("resops")
+    except PackageNotFoundError:  # a source checkout that is not installed
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":
