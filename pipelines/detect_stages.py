@@ -124,7 +124,7 @@ def train(p: Params) -> dict:
            "epochs": p("train.epochs"), "batch_size": p("train.batch_size"), "lr": p("train.lr"),
            "weight_decay": p("train.weight_decay"), "warmup_steps": p("train.warmup_steps"),
            "shuffle_buffer": p("train.shuffle_buffer"), "threads_per_worker": p("train.threads_per_worker"),
-           "seed": p("seed"), "wandb": dict(p("train.wandb")), "precision": p("train.precision")}
+           "seed": p("seed"), "wandb": dict(p("wandb")), "precision": p("train.precision")}
     create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **kwargs)  # fails here, not in workers
     init_ray(p)
     t0 = time.time()

@@ -273,7 +273,7 @@ def train(p: Params) -> dict:
         "image_size": p("model.image_size"), "epochs": p("train.epochs"), "batch_size": p("train.batch_size"),
         "lr": p("train.lr"), "weight_decay": p("train.weight_decay"), "label_smoothing": p("train.label_smoothing"),
         "shuffle_buffer": p("train.shuffle_buffer"), "class_weights": weights,
-        "threads_per_worker": p("train.threads_per_worker"), "seed": p("seed"), "wandb": dict(p("train.wandb")),
+        "threads_per_worker": p("train.threads_per_worker"), "seed": p("seed"), "wandb": dict(p("wandb")),
         "freeze_backbone_epochs": p("train.freeze_backbone_epochs"), "backbone_lr_scale": p("train.backbone_lr_scale"),
         "pretrained": None, "precision": p("train.precision"), "data_cache": p("train.data_cache"),
         "schedule": p("train.schedule"), "warmup": p("train.warmup"), "budget_minutes": p("train.budget_minutes"),

@@ -15,7 +15,7 @@ from tests.test_pipeline_e2e import ROOT, _run, _set
 
 TINY = {"data.synthetic": {"num_images": 36, "scene_size": 96, "min_objects": 2, "max_objects": 4},
         "model.image_size": 64, "model.width": 0.5, "train.epochs": 2, "train.batch_size": 8, "train.warmup_steps": 4,
-        "train.threads_per_worker": 1, "train.wandb": {"mode": "disabled"}, "prune.finetune_epochs": 1,
+        "train.threads_per_worker": 1, "wandb": {"mode": "disabled"}, "prune.finetune_epochs": 1,
         "evaluate.latency_runs": 3}
 STAGES = ["ingest", "prepare", "train", "prune", "evaluate", "promote"]
 

@@ -153,18 +153,20 @@ def batch_mixer(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, prob:
 
 
 class _WandbSink:
-    """Per-epoch metrics to wandb from rank 0; offline unless the user configured a key."""
+    """Per-epoch metrics to wandb from rank 0; offline unless the user configured a key. ``WANDB_MODE``
+    in the environment wins over params.yaml's ``wandb.mode``."""
 
     def __init__(self, cfg: dict):
         self.run = None
         wb = cfg.get("wandb") or {}
-        if wb.get("mode", "offline") == "disabled":
+        mode = os.environ.get("WANDB_MODE") or wb.get("mode", "offline")
+        if mode == "disabled":
             return
         import wandb
 
         os.environ.setdefault("WANDB_SILENT", "true")
         Path(wb.get("dir", "wandb")).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=wb.get("project", "resops"), mode=wb.get("mode", "offline"),
+        self.run = wandb.init(project=wb.get("project", "resops"), mode=mode,
                               dir=wb.get("dir"), id=cfg["run_name"], resume="allow", name=cfg["run_name"],
                               config={k: v for k, v in cfg.items() if k not in ("wandb", "class_weights", "progress_board")},
                               settings=wandb.Settings(console="off", x_disable_stats=True))
