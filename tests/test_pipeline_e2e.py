@@ -322,6 +322,25 @@ def test_push_delete_pull_restores_prepared_data_byte_for_byte(repro):
     assert "up to date" in _run(["dvc", "status"], proj, env)
 
 
+def test_a_clone_keeps_the_registry_history_and_the_next_promotion_extends_it(repro, tmp_path):
+    """models/registry.json is versioned in git (a cache: false out): a fresh clone has the promotion
+    history, and a promotion there compares with the promoted version instead of starting again at v1."""
+    proj, env, _ = repro
+    _commit(proj, env)
+    registry = json.loads((proj / "models/registry.json").read_text())
+    assert registry["promoted"] and "models/registry.json" in _run(["git", "ls-files", "models"], proj, env)
+    clone = tmp_path / "clone"
+    _run(["git", "clone", "-q", str(proj), str(clone)], tmp_path, env)
+    assert json.loads((clone / "models/registry.json").read_text()) == registry
+    _run(["dvc", "cache", "dir", "--local", str(proj / ".dvc/cache")], clone, env)  # the outs, without a remote
+    _run(["dvc", "checkout", "-q"], clone, env)
+    _run(["dvc", "repro", "--force", "--single-item", "promote"], clone, env)
+    after = json.loads((clone / "models/registry.json").read_text())
+    assert after["entries"][:-1] == registry["entries"] and len(after["entries"]) == len(registry["entries"]) + 1
+    assert after["entries"][-1]["previous"] == registry["promoted"]
+    assert after["entries"][-1]["version"].startswith(f"v{len(registry['entries']) + 1}-")
+
+
 def _png(size: int = 32) -> bytes:
     rng = np.random.default_rng(0)
     return encode_png(rng.integers(0, 255, (size, size), dtype=np.uint8))
