@@ -109,7 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--windows", type=int, default=30, help="random windows scored per arm")
     ap.add_argument("--reference", default=str(ROOT / "models/serve/drift_reference.json"))
-    ap.add_argument("--model", default=str(ROOT / "models/promoted/model.pt"))
+    ap.add_argument("--model", default=str(ROOT / "models/promoted/full.pt"))
     ap.add_argument("--out", default=str(RESULTS / "drift.json"))
     args = ap.parse_args()
     ref_path, model_path = Path(args.reference), Path(args.model)

@@ -703,17 +703,17 @@ def calibrate(p: Params) -> dict:
     args["calibration"] = cal
     card = _model_card(p, files, cal)
     args["model_card"] = card
-    config = build_serve_config(args, host=p("serve.host"), port=p("serve.port"))
     if SERVE_DIR.exists():
         shutil.rmtree(SERVE_DIR)
+    if args.get("drift"):  # reference statistics of the training inputs: GET /drift compares with them
+        _write_json(Path(args["drift"]["reference"]), _drift_reference(p, Path(files["full"])))
+    config = build_serve_config(args, host=p("serve.host"), port=p("serve.port"))  # checks the files it names
     _write_json(SERVE_DIR / "calibration.json", cal)
     from components.registry.card import card_markdown
 
     _write_json(SERVE_DIR / "model_card.json", card)
     (SERVE_DIR / "MODEL_CARD.md").write_text(card_markdown(card))
     write_serve_config(SERVE_DIR / "serve_config.yaml", config)
-    if args.get("drift"):  # reference statistics of the training inputs: GET /drift compares with them
-        _write_json(Path(args["drift"]["reference"]), _drift_reference(p, Path(files["full"])))
     if edge_onnx is not None:  # what `resops edge` runs on a device: the int8 model and its calibration
         write_edge_bundle(SERVE_DIR / "edge", edge_onnx, edge_model, args, cal)
     metrics = {"threshold": float(threshold), "target": c["target"], "target_value": c["value"],
