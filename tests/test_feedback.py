@@ -104,9 +104,10 @@ def test_a_full_queue_drops_instead_of_waiting(tmp_path):
     rec.close()
 
 
-@pytest.mark.parametrize("bad,match", [({"rate": 2.0}, "rate must be in"), ({"max_bytes": 0}, "positive"),
+@pytest.mark.parametrize("bad,match", [({"rate": 2.0}, "serve.feedback: rate: Input should be less than or equal to 1"),
+                                       ({"max_bytes": 0}, "serve.feedback: max_bytes: Input should be greater than"),
                                        ({"enabled": True, "location": ""}, "location is empty"),
-                                       ({"rat": 0.1}, "unknown serve.feedback keys")])
+                                       ({"rat": 0.1}, "serve.feedback: rat: Extra inputs are not permitted")])
 def test_settings_are_checked(bad, match):
     with pytest.raises(ValueError, match=match):
         FeedbackSettings.from_dict(bad)
@@ -183,3 +184,4 @@ def test_extra_rows_join_training_only_skip_known_images_and_record_corrections(
         (tmp_path / "extra" / "weird").mkdir()
         prepare_dataset(tmp_path / "raw", tmp_path / "p2", "synthetic", "multiclass", threads=1,
                         extra=[str(tmp_path / "extra")])
+

@@ -24,8 +24,9 @@ import random
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from components import storage as _storage
 
@@ -33,28 +34,24 @@ IMAGE, RECORD = ".img", ".json"
 REASONS = ("escalated", "degraded", "below_threshold", "sampled")
 
 
-@dataclass(frozen=True)
-class FeedbackSettings:
-    """``serve.feedback`` in params.yaml."""
+class FeedbackSettings(BaseModel):
+    """``serve.feedback`` in params.yaml (unknown keys and out-of-range values refused, naming the key)."""
 
+    model_config = ConfigDict(extra="forbid", frozen=True)
     enabled: bool = False
     location: str = "feedback"
-    rate: float = 0.0           # share of the other (confident, not escalated) requests kept
-    max_bytes: int = 500_000_000
-    queue_size: int = 256       # records waiting for the writer thread; beyond it they are dropped
-    seed: int | None = None     # of the sampling (None: not reproducible)
+    rate: float = Field(0.0, ge=0.0, le=1.0, description="share of the other (confident, not escalated) requests kept")
+    max_bytes: int = Field(500_000_000, ge=1, description="the store's bound; the oldest records are deleted first")
+    queue_size: int = Field(256, ge=1, description="records waiting for the writer thread; beyond it they are dropped")
+    seed: int | None = Field(None, description="of the sampling (None: not reproducible)")
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "FeedbackSettings":
-        d = dict(d or {})
-        unknown = set(d) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown serve.feedback keys {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        s = cls(**d)
-        if not 0.0 <= float(s.rate) <= 1.0:
-            raise ValueError(f"serve.feedback.rate must be in [0, 1], got {s.rate}")
-        if int(s.max_bytes) < 1 or int(s.queue_size) < 1:
-            raise ValueError("serve.feedback.max_bytes and queue_size must be positive")
+        try:
+            s = cls.model_validate(dict(d or {}))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise ValueError(f"serve.feedback: {problems}") from None
         if s.enabled and not s.location:
             raise ValueError("serve.feedback.location is empty: a directory or s3://bucket/prefix")
         return s
