@@ -33,8 +33,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from components.augment.operator import AugmentOperator  # noqa: E402
-from components.feedback.drift import PIXEL_MEAN, PIXEL_SCALE, DriftMonitor, input_histograms, load_reference  # noqa: E402
-from components.feedback.reference import EmbeddingTap  # noqa: E402
+from components.feedback.drift import PIXEL_MEAN, PIXEL_SCALE, DriftMonitor, load_reference  # noqa: E402
+from components.feedback.reference import embed  # noqa: E402
+from components.serve.config import DRIFT_REFERENCE  # noqa: E402
 from components.models import load_model  # noqa: E402
 
 
@@ -70,14 +71,9 @@ def digits(n: int, size: int) -> np.ndarray:
     return from_pixels(np.stack([cv2.resize(im, (size, size), interpolation=cv2.INTER_LINEAR)[None] for im in d]))
 
 
-def embed(model, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    tap, out = EmbeddingTap(model), []
-    with torch.inference_mode():
-        for i in range(0, len(x), batch):
-            model(torch.from_numpy(x[i:i + batch]).contiguous(memory_format=torch.channels_last))
-            out.append(tap.last)
-    tap.remove()
-    return np.concatenate(out)
+def statistics(model, x: np.ndarray, bins: int, batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(input histograms, embeddings) of the inputs ``x``, as the calibrate stage computes the reference's."""
+    return embed(model, ({"image": torch.from_numpy(x[i:i + batch])} for i in range(0, len(x), batch)), bins)
 
 
 def score_windows(ref: dict, threshold: float, hists: np.ndarray, embs: np.ndarray, windows: int, rng,
@@ -108,7 +104,7 @@ def score_windows(ref: dict, threshold: float, hists: np.ndarray, embs: np.ndarr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--windows", type=int, default=30, help="random windows scored per arm")
-    ap.add_argument("--reference", default=str(ROOT / "models/serve/drift_reference.json"))
+    ap.add_argument("--reference", default=str(ROOT / DRIFT_REFERENCE))
     ap.add_argument("--model", default=str(ROOT / "models/promoted/full.pt"))
     ap.add_argument("--out", default=str(RESULTS / "drift.json"))
     args = ap.parse_args()
@@ -138,7 +134,7 @@ def main() -> None:
         "digits (scikit-learn, upsampled)": digits(len(test), size),
     }
     t0 = time.perf_counter()
-    stats = {name: (input_histograms(x, ref["bins"]), embed(model, x)) for name, x in sets.items()}
+    stats = {name: statistics(model, x, ref["bins"]) for name, x in sets.items()}
     rng = np.random.default_rng(0)
     results = {name: score_windows(ref, threshold, h, e, args.windows, rng) for name, (h, e) in stats.items()}
     base_h, base_e = stats["elpv test"]

@@ -36,6 +36,7 @@ from components.edge.bundle import load_bundle
 from components.edge.model import EdgeModel
 from components.edge.outbox import Outbox
 from components.feedback import FeedbackRecorder, FeedbackSettings
+from components.feedback.drift import DriftMonitor, input_histograms, load_reference
 from components.serve.http import (PREDICT_BODY, PREDICT_PARAMS, BadRequest, RequestReader, answer, error,
                                    install_error_handlers, parse_mode, parse_threshold, refused)
 from components.serve.schema import (MODES, PREDICT_ERRORS, BatchPredictResponse, CloudLink, EdgeHealthResponse,
@@ -79,12 +80,8 @@ class EdgeRuntime:
         self.feedback = FeedbackRecorder(settings, source="edge") if settings.enabled else None
         self.drift = None
         if bundle.drift_reference:  # the intensities of what the device sees against the training inputs'
-            from components.feedback.drift import DriftMonitor, load_reference
-
-            ref = load_reference(Path(bundle_path).resolve() / bundle.drift_reference if Path(bundle_path).is_dir()
-                                 else Path(bundle_path).resolve().parent / bundle.drift_reference)
-            self.drift = DriftMonitor(ref, bundle.drift_threshold or 3.0, check_every=bundle.drift_check_every,
-                                      name="edge")
+            self.drift = DriftMonitor(load_reference(onnx_path.parent / bundle.drift_reference), bundle.drift_threshold,
+                                      check_every=bundle.drift_check_every, name="edge")
         self._pool = ThreadPoolExecutor(max_workers=max(1, threads), thread_name_prefix="edge-model")
         self._client = None
         self._resender: asyncio.Task | None = None
@@ -158,8 +155,6 @@ class EdgeRuntime:
         return await asyncio.get_running_loop().run_in_executor(self._pool, self.model.predict, data, observe)
 
     def _observe(self, x) -> None:
-        from components.feedback.drift import input_histograms
-
         self.drift.observe(histogram=input_histograms(x, self.drift.ref["bins"])[0])
 
     async def classify(self, data: bytes, mode: str, threshold: float) -> dict:

@@ -13,7 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 MANIFEST = "edge.json"
 
@@ -39,6 +39,12 @@ class EdgeBundle(BaseModel):
                                                           "bundle directory; None: no drift watch")
     drift_threshold: float | None = Field(None, gt=0, description="serve.drift.threshold")
     drift_check_every: int = Field(20, ge=1, description="serve.drift.check_every")
+
+    @model_validator(mode="after")
+    def _drift_threshold_with_reference(self) -> "EdgeBundle":
+        if self.drift_reference and self.drift_threshold is None:
+            raise ValueError("drift_reference needs drift_threshold (serve.drift.threshold)")
+        return self
 
     @field_validator("in_chans")
     @classmethod

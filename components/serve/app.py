@@ -64,6 +64,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from components.data.images import ImageDecodeError
+from components.feedback.drift import DriftMonitor, input_histograms, load_reference
 from components.registry import file_sha256
 from components.serve.http import (PREDICT_BODY, PREDICT_PARAMS, STATUS_OF_REASON, UNDECODABLE, UNSUPPORTED, BadRequest,
                                    RequestReader, answer, check_image_header, decode_error, error,
@@ -320,8 +321,6 @@ class _Tier:
             return error
         out = await self._answer(image, start, embed)
         if histogram:
-            from components.feedback.drift import input_histograms
-
             out["input_histogram"] = input_histograms(image)[0].tolist()
         return out
 
@@ -476,6 +475,10 @@ class RouterMetrics:
         self.latency = metrics.Histogram("resops_tier_latency_ms", description="time of a tier call as the router "
                                          "sees it (total: the whole image)", boundaries=self.LATENCY_BOUNDARIES_MS,
                                          tag_keys=("tier",))
+        self.drift_score = metrics.Gauge("resops_drift_score", tag_keys=("statistic",),
+                                         description="input drift over the last window of requests, in units of "
+                                                     "the in-distribution 95th percentile (serve.drift)")
+        self.drifted = metrics.Gauge("resops_drift_declared", description="1 while input drift is declared")
 
     def answered(self, result: dict) -> None:
         self.requests.inc(tags={"tier": result["tier"], "mode": result["mode"]})
@@ -491,13 +494,6 @@ class RouterMetrics:
 
     def drift(self, score: dict) -> None:
         """The drift watch's latest score (serve.drift): per statistic, and whether drift is declared."""
-        from ray.serve import metrics
-
-        if not hasattr(self, "drift_score"):
-            self.drift_score = metrics.Gauge("resops_drift_score", tag_keys=("statistic",),
-                                             description="input drift over the last window of requests, in units "
-                                                         "of the in-distribution 95th percentile (serve.drift)")
-            self.drifted = metrics.Gauge("resops_drift_declared", description="1 while input drift is declared")
         for name in ("intensity", "embedding"):
             if score[name] is not None:
                 self.drift_score.set(score[name]["score"], tags={"statistic": name})
@@ -544,8 +540,6 @@ class Router:
         self.feedback = FeedbackRecorder(settings, source="serve") if settings.enabled else None
         self.drift, self._embed_tasks = None, set()
         if drift and self.task == "classify":
-            from components.feedback.drift import DriftMonitor
-
             # serve.drift: rolling statistics of what this replica receives against the training inputs'
             self.drift = DriftMonitor(drift["reference"], drift["threshold"], check_every=drift["check_every"],
                                       name="serve")
@@ -587,12 +581,11 @@ class Router:
                 self.metrics.refused(result["reason"])
                 return result
             tier, cloud_result = "cloud", result
+            batch_sizes["cloud"], versions["cloud"] = result["batch_size"], result["model_version"]
         elif embed:  # not escalated: the cloud embeds it in the background, for the drift watch only
             task = asyncio.create_task(self._embed_only(data if cloud_input is None else cloud_input))
             self._embed_tasks.add(task)
             task.add_done_callback(self._embed_tasks.discard)
-        if escalate:
-            batch_sizes["cloud"], versions["cloud"] = result["batch_size"], result["model_version"]
         latency["total"] = (time.perf_counter() - start) * 1000.0
         answer = {"label": result["label"], "label_index": result["label_index"],
                   "probabilities": result["probabilities"], "tier": tier, "mode": mode,
@@ -616,8 +609,6 @@ class Router:
                 from components.augment.resize import validation_tensor
 
                 x = validation_tensor(img, int(self.drift.ref.get("image_size", self.local_edge.image_size)))
-            from components.feedback.drift import input_histograms
-
             self._drift_observe(histogram=input_histograms(x, self.drift.ref["bins"])[0])
         elif result is not None and result.get("input_histogram") is not None:
             self._drift_observe(histogram=result.pop("input_histogram"))
@@ -1062,8 +1053,6 @@ def _drift(drift: dict | None, base_dir: str | None) -> dict | None:
     the deployment here, not in a replica."""
     if not drift:
         return None
-    from components.feedback.drift import load_reference
-
     unknown = set(drift) - {"reference", "threshold", "embed_rate", "check_every"}
     if unknown:
         raise ValueError(f"unknown drift options {sorted(unknown)}")
