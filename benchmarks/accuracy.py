@@ -12,7 +12,10 @@ Arms (``--arms``: names or the groups ``main``, ``short``, ``ablation``, ``all``
 * ``quality``: the ``presets/quality.yaml`` recipe through resops' own stages (augment, gan, rebalance,
   train on Ray Train), its 30-minute training budget; ``default``: ``params.yaml`` as it is (what
   ``make run`` trains);
-* ``abl:<step>``: the ablation, each step adding one recipe option to the previous, at a short budget.
+* ``abl:<step>``: the ablation, each step adding one recipe option to the previous, at a short budget;
+* ``quality+KEY=VALUE[+KEY=VALUE...]`` (or ``default+...``): a variant of that arm with params.yaml keys
+  changed (values parsed as YAML), e.g. ``quality+model.image_size=128``; run over ``--seeds`` like the
+  arm it varies. Use it to try a recipe change before it goes into a preset.
 
 Every resops arm runs the real stages (``resops run STAGE`` in a work directory of its own) on one
 shared ``prepare`` output (split seed 42, whatever the training seed), selects its checkpoint on the
@@ -59,6 +62,17 @@ GROUPS["all"] = GROUPS["main"] + GROUPS["ablation"]
 
 
 def arm_overrides(arm: str) -> dict:
+    base, _, changes = arm.partition("+")
+    if changes and base in ("quality", "default"):
+        import yaml
+
+        merged = dict(arm_overrides(base))
+        for change in changes.split("+"):
+            key, eq, value = change.partition("=")
+            if not eq or not key:
+                raise ValueError(f"arm {arm!r}: {change!r} is not KEY=VALUE")
+            merged[key] = yaml.safe_load(value)
+        return merged
     if arm == "default":
         return {}
     if arm == "quality":
@@ -126,7 +140,7 @@ def scaled(overrides: dict, scale: float) -> dict:
 def run_resops(arm: str, seed: int, work: Path, scale: float = 1.0) -> dict:
     overrides = scaled({**arm_overrides(arm), "seed": seed}, scale)
     prepared = shared_prepared(work)
-    run_dir = work / f"{arm.replace(':', '_').replace('+', 'p')}-s{seed}"
+    run_dir = work / f"{''.join(c if c.isalnum() or c in '-_.' else '_' for c in arm)}-s{seed}"
     shutil.rmtree(run_dir, ignore_errors=True)
     (run_dir / "data").mkdir(parents=True)
     (run_dir / "data" / "prepared").symlink_to(prepared)  # the one split; prepare never re-runs here
@@ -269,7 +283,7 @@ def main() -> None:
     result = json.loads(out.read_text()) if args.resume and out.exists() else {}
     runs = result.get("runs", {})
     result.setdefault("environment_first_run", environment_info())
-    todo = [(arm, seed) for arm in arms for seed in (seeds if arm in ("plain@30", "quality") else short_seeds)]
+    todo = [(arm, seed) for arm in arms for seed in (seeds if arm == "plain@30" or arm.split("+")[0] == "quality" else short_seeds)]
     for arm, seed in bar(todo, desc="accuracy", unit="run"):
         key = f"{arm}|{seed}"
         if key in runs:

@@ -48,8 +48,9 @@ from components.data.shards import read_shards
 from components.evaluate.detection import detection_metrics, predict_frame, save_pr_curves, save_prediction_grid
 from components.models import count_parameters, create_model, load_model, save_model
 from components.models.detector import DEFAULT_ANCHORS, anchor_fitness, fit_anchors
-from components.prune.structured import count_macs_params, save_structured, structured_prune
-from components.prune.unstructured import apply_global_magnitude, make_permanent, save_sparse, sparsity_report
+from components.models.checkpoint import save_sparse, save_structured
+from components.prune.structured import count_macs_params, structured_prune
+from components.prune.unstructured import apply_global_magnitude, make_permanent, sparsity_report
 from components.train import fit
 from components.train.detect import finetune_detector
 

@@ -44,7 +44,7 @@ from common import (RESULTS, SPLIT_SEED, environment_info, fmt_mean_std, headlin
 import numpy as np
 import pywt
 
-from components.augment.cwt import cwt_frequencies, cwt_kwargs, cwt_magnitude, scalogram_batch
+from components.data.cwt import cwt_frequencies, cwt_kwargs, cwt_magnitude, scalogram_batch
 from components.data.eeg import BONN_FS, BONN_LENGTH, BONN_TASKS, read_bonn, segment, synthetic_bonn, synthetic_eeg
 from components.data.eeg import write_bonn_layout
 from components.data.eeg_prepare import prepare_eeg, scalograms

@@ -435,7 +435,8 @@ def main() -> None:
             # ------------------------------------------------------------------ unstructured
             for s in sparsities:
                 def build_unstructured(s=s) -> None:
-                    from components.prune import magnitude_step, make_permanent, save_sparse, sparsity_report
+                    from components.models.checkpoint import save_sparse
+                    from components.prune import magnitude_step, make_permanent, sparsity_report
 
                     model, _ = load_model(full_path)
                     model = model.to(memory_format=torch.channels_last)
@@ -460,7 +461,8 @@ def main() -> None:
             structured_files: dict[float, Path] = {}
             for r in ratios:
                 def build_structured(r=r) -> None:
-                    from components.prune import save_structured, structured_prune
+                    from components.models.checkpoint import save_structured
+                    from components.prune import structured_prune
 
                     pruned, _ = load_model(full_path)
                     pruned = pruned.to(memory_format=torch.channels_last)

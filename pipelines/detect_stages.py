@@ -145,8 +145,9 @@ def prune(p: Params) -> dict:
 
     from components.data.shards import read_shards
     from components.models import load_model, save_model
-    from components.prune.structured import count_macs_params, save_structured, structured_prune
-    from components.prune.unstructured import apply_global_magnitude, make_permanent, save_sparse, sparsity_report
+    from components.models.checkpoint import save_sparse, save_structured
+    from components.prune.structured import count_macs_params, structured_prune
+    from components.prune.unstructured import apply_global_magnitude, make_permanent, sparsity_report
     from components.train.detect import finetune_detector
 
     method = p("prune.method")

@@ -404,7 +404,8 @@ def prune(p: Params) -> dict:
     report: dict = {"method": method, "distill": dict(p("prune.distill")), "file_bytes_full": dense_size}
     finetune: list[dict] = []
     if method == "unstructured":
-        from components.prune import magnitude_step, save_sparse, sparsity_schedule
+        from components.models.checkpoint import save_sparse
+        from components.prune import magnitude_step, sparsity_schedule
 
         include_fc = p("prune.include_fc")
         before = sparsity_report(model, include_fc)
@@ -425,7 +426,8 @@ def prune(p: Params) -> dict:
         _say(f"prune: sparsity {after['target_sparsity_measured']:.3f} ({p('prune.scope')}, {p('prune.steps')} step(s)), "
              f"non-zero params {before['nonzero_params']} -> {after['nonzero_params']}")
     elif method == "structured":
-        from components.prune import save_structured, structured_prune
+        from components.models.checkpoint import save_structured
+        from components.prune import structured_prune
 
         st = p("prune.structured")
         example = torch.zeros(1, meta["in_chans"], meta["image_size"], meta["image_size"])

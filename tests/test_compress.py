@@ -19,9 +19,8 @@ from components.data.images import decode_image
 from components.data.sources import get_source
 from components.models import CheckpointError, create_model, list_models, load_model, save_model
 from components.prune import (DistillationLoss, OnnxClassifier, StructuredPruningError, export_onnx, finetune_epoch,
-                              is_structured, load_structured, quantize_onnx, recalibrate_batchnorm, save_structured,
-                              structured_prune)
-from components.prune.structured import structure_of
+                              quantize_onnx, recalibrate_batchnorm, structured_prune)
+from components.models.checkpoint import is_structured, load_structured, save_structured, structure_of
 
 SIZE = 32
 NUM_CLASSES = 3

@@ -264,8 +264,9 @@ def test_predictions_are_drawn_on_test_images(tmp_path):
 def test_detector_prunes_structured_and_unstructured_and_reloads(tmp_path):
     import pandas as pd
 
-    from components.prune.structured import count_macs_params, save_structured, structured_prune
-    from components.prune.unstructured import apply_global_magnitude, make_permanent, save_sparse, sparsity_report
+    from components.models.checkpoint import save_sparse, save_structured
+    from components.prune.structured import count_macs_params, structured_prune
+    from components.prune.unstructured import apply_global_magnitude, make_permanent, sparsity_report
     from components.train.detect import finetune_detector
 
     meta = {"model_name": "resnet18_yolo", "num_classes": 2, "in_chans": 3, "image_size": 64,

@@ -1,4 +1,4 @@
-"""Unit tests of the EEG data sources (components.data.eeg) and CWT scalograms (components.augment.cwt).
+"""Unit tests of the EEG data sources (components.data.eeg) and CWT scalograms (components.data.cwt).
 
 Pure in-process tests on synthetic signals (no Ray). Synthetic signals test the code only; they
 are not EEG recordings.
@@ -11,7 +11,7 @@ from PIL import Image
 from scipy import signal as sps
 from scipy import stats
 
-from components.augment.cwt import cwt_frequencies, cwt_magnitude, save_example_scalograms, scalogram, scalogram_batch
+from components.data.cwt import cwt_frequencies, cwt_magnitude, save_example_scalograms, scalogram, scalogram_batch
 from components.data.eeg import (BONN_FS, BONN_LENGTH, BONN_TASKS, EEG_CLASSES, EEGFormatError, bonn_records,
                                  read_bonn, read_eeg_npz, reassemble, reassemble_by_class, segment, segment_dataset,
                                  synthetic_bonn, synthetic_eeg, write_bonn_layout)

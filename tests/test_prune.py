@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from components.models import CheckpointError, create_model, load_model, save_model
-from components.prune import (apply_global_magnitude, load_sparse, make_permanent, prunable_parameters, save_sparse,
-                              sparsity_report)
+from components.models.checkpoint import load_sparse, save_sparse
+from components.prune import apply_global_magnitude, make_permanent, prunable_parameters, sparsity_report
 
 META = {"model_name": "resnet18", "num_classes": 3, "in_chans": 1, "image_size": 32,
         "class_names": ["ok", "crack", "spot"]}
@@ -155,12 +155,12 @@ def test_sparse_file_with_incomplete_metadata_is_refused(tmp_path):
     assert str(path) in str(info.value)
 
 
-# BUG (exposed by this test, not fixed here): components/prune/unstructured.py load_sparse() only
+# Regression test (the bug is fixed): components/models/checkpoint.py load_sparse() only
 # catches (OSError, ValueError, KeyError). A truncated .npz (an interrupted copy or download) makes
 # np.load raise zipfile.BadZipFile, which derives from Exception only, so it escapes as
 # "BadZipFile: File is not a zip file" without the path instead of a CheckpointError (a flipped
 # byte inside a member gives "BadZipFile: Bad CRC-32", equally uncaught). Fix: also catch
-# zipfile.BadZipFile and zlib.error (or Exception, as checkpoint.load_payload does).
+# zipfile.BadZipFile and zlib.error (done).
 def test_truncated_sparse_file_is_a_checkpoint_error(saved50, tmp_path):
     data = saved50[0].read_bytes()
     bad = tmp_path / "truncated.npz"
@@ -170,11 +170,11 @@ def test_truncated_sparse_file_is_a_checkpoint_error(saved50, tmp_path):
     assert str(bad) in str(info.value)
 
 
-# BUG (exposed by this test, not fixed here): components/prune/unstructured.py load_sparse() calls
+# Regression test (the bug is fixed): components/models/checkpoint.py load_sparse() calls
 # model.load_state_dict(state) outside any try, so weights that do not fit the metadata (here a
 # 3-class head under num_classes=2) raise a bare torch RuntimeError without the file name, while
 # checkpoint.load_model wraps the same case as CheckpointError("model file ...: weights do not fit").
-# Fix: wrap load_state_dict in try/except RuntimeError -> CheckpointError naming the path.
+# Fix (done): load_state_dict wrapped, RuntimeError -> CheckpointError naming the path.
 def test_sparse_weights_that_do_not_fit_the_metadata_are_a_checkpoint_error(saved50, tmp_path):
     with np.load(saved50[0], allow_pickle=False) as z:
         arrays = {k: z[k] for k in z.files}

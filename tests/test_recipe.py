@@ -278,7 +278,8 @@ def test_ordinal_resnet_saves_and_loads(ordinal_model, tmp_path):
 
 
 def test_ordinal_resnet_prunes_and_exports_to_onnx(ordinal_model, tmp_path):
-    from components.prune import OnnxClassifier, export_onnx, load_structured, save_structured, structured_prune
+    from components.models.checkpoint import load_structured, save_structured
+    from components.prune import OnnxClassifier, export_onnx, structured_prune
 
     model = copy.deepcopy(ordinal_model)
     x = torch.randn(4, 1, SIZE, SIZE)

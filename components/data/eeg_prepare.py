@@ -5,7 +5,7 @@ The split is made over recordings, before segmentation, so windows of one record
 both sides (overlapping windows would otherwise leak the test set into training). Reassembly
 (Dubey et al.) adds new training windows made of same-class sub-segments, marked
 ``source=reassembled``; validation and test hold real windows only. Scalograms are computed on
-Ray Data (``map_batches`` of :func:`components.augment.cwt.scalogram_batch`) when Ray is running,
+Ray Data (``map_batches`` of :func:`components.data.cwt.scalogram_batch`) when Ray is running,
 in-process otherwise; rows are then exactly what :func:`components.data.prepare.prepare_dataset`
 writes (image PNG, path, label, label_name, split, group, sha256, width, height, source, attrs),
 so augment/rebalance/train/prune/evaluate/serve need nothing EEG-specific.
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from components.augment.cwt import cwt_kwargs, save_example_scalograms, scalogram_batch
+from components.data.cwt import cwt_kwargs, save_example_scalograms, scalogram_batch
 from components.data.eeg import EEGDataset, reassemble_by_class, segment
 from components.data.prepare import SPLITS, PrepareResult, split_by_group, write_prepared
 

@@ -17,7 +17,7 @@ import torch
 from components.augment.detection import detection_batch
 from components.data.detection import boxes_from_json, yolo_to_xyxy
 from components.models.detector import detect
-from components.train.detect import compute_quietly, map_summary, target_dicts
+from components.evaluate.detection_metrics import compute_quietly, map_summary, target_dicts
 
 COLOURS = [(230, 60, 40), (40, 120, 230), (240, 200, 30), (150, 60, 200), (30, 190, 170), (250, 130, 20)]
 

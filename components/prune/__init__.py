@@ -1,20 +1,20 @@
 """Pruning and compression: global magnitude pruning, structured (channel) pruning, int8 ONNX
-quantization, knowledge distillation, and the sparse / structured model files.
+quantization and knowledge distillation.
 
-The structured, quantization and distillation names are imported lazily (PEP 562
-``__getattr__``): ``components.models.checkpoint.load_model`` imports this package for ``.npz``
-files and should not pay for torch-pruning and ONNX Runtime.
+The model files themselves (sparse ``.npz``, structured ``.pt``) are written and read by
+:mod:`components.models.checkpoint`. The structured, quantization and
+distillation names are imported lazily (PEP 562 ``__getattr__``): magnitude pruning alone should not pay
+for torch-pruning and ONNX Runtime.
 """
 from importlib import import_module
 
-from components.prune.unstructured import (apply_global_magnitude, apply_layerwise_magnitude, load_sparse,
-                                           magnitude_step, make_permanent, prunable_parameters, save_sparse,
+from components.prune.unstructured import (apply_global_magnitude, apply_layerwise_magnitude,
+                                           magnitude_step, make_permanent, prunable_parameters,
                                            sparsity_report, sparsity_schedule)
 
 _LAZY = {
-    # structured pruning and its model file
+    # structured pruning
     "StructuredPruningError": "structured", "StructuredReport": "structured", "structured_prune": "structured",
-    "save_structured": "structured", "load_structured": "structured", "is_structured": "structured",
     "count_macs_params": "structured",
     # int8 through ONNX Runtime
     "OnnxClassifier": "quantize", "QuantizationReport": "quantize", "export_onnx": "quantize",
@@ -23,7 +23,7 @@ _LAZY = {
     "DistillationLoss": "distill", "finetune_epoch": "distill", "recalibrate_batchnorm": "distill",
 }
 
-__all__ = ["apply_global_magnitude", "apply_layerwise_magnitude", "magnitude_step", "sparsity_schedule", "load_sparse", "make_permanent", "prunable_parameters", "save_sparse",
+__all__ = ["apply_global_magnitude", "apply_layerwise_magnitude", "magnitude_step", "sparsity_schedule", "make_permanent", "prunable_parameters",
            "sparsity_report", *_LAZY]
 
 

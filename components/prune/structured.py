@@ -35,21 +35,17 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
 from torchvision.ops import SqueezeExcitation
 
 from components.models.heads import OrdinalHead
-from components.models.checkpoint import REQUIRED_META, CheckpointError, build_from_meta, load_payload, unwrap
+from components.models.checkpoint import unwrap
 
-STRUCTURED_KEY = "structured"  # meta key marking a structured-pruned model file
-FORMAT_VERSION = 1
 TARGETS = ("macs", "params")
 IMPORTANCES = ("l1", "l2", "fpgm", "lamp", "bn_scale", "taylor", "random")
 ACCEPT_RELATIVE = 0.10  # the reduction reached must be within 10 % of the one requested
@@ -395,113 +391,3 @@ def structured_prune(model: nn.Module, example_input: Tensor, *, target: str = "
         channels_before=sum(channels0.values()), channels_after=sum(channels1.values()),
         input_shape=list(example_input.shape), trials=trials,
         layer_channels={name: [channels0[name], channels1[name]] for name in channels0})
-
-
-# ------------------------------------------------------------------------------------ model file
-def _shape_config(module: nn.Module) -> dict | None:
-    if isinstance(module, _ConvNd):
-        return {"type": "conv", "in_channels": module.in_channels, "out_channels": module.out_channels,
-                "groups": module.groups}
-    if isinstance(module, _BatchNorm):
-        return {"type": "batchnorm", "num_features": module.num_features}
-    if isinstance(module, nn.Linear):
-        return {"type": "linear", "in_features": module.in_features, "out_features": module.out_features}
-    return None
-
-
-def structure_of(model: nn.Module) -> dict[str, dict]:
-    """Shape attributes of every convolution, batch norm and linear layer, by module name."""
-    return {name: cfg for name, m in unwrap(model).named_modules() if (cfg := _shape_config(m)) is not None}
-
-
-def save_structured(path: str | Path, model: nn.Module, meta: dict,
-                    report: StructuredReport | None = None) -> Path:
-    """Write a structured-pruned model: ``{"state_dict", "meta"}`` with ``meta["structured"]``.
-
-    ``meta`` needs the keys of :func:`components.models.checkpoint.save_model` (``model_name``,
-    ``num_classes``, ``in_chans``, ``image_size``, ``class_names``, optional ``model_kwargs``):
-    they rebuild the unpruned network, ``meta["structured"]["modules"]`` reshapes it.
-    """
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise ValueError(f"model metadata lacks {missing}")
-    net = unwrap(model)
-    info: dict = {"format": FORMAT_VERSION, "modules": structure_of(net)}
-    if report is not None:
-        info["report"] = report.as_dict()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    torch.save({"state_dict": state, "meta": dict(meta) | {STRUCTURED_KEY: info}}, path)
-    return path
-
-
-def is_structured(meta_or_path: dict | str | Path) -> bool:
-    """Whether a model file (or its meta) is structured-pruned: ``"structured"`` in its meta."""
-    meta = meta_or_path if isinstance(meta_or_path, dict) else load_payload(meta_or_path)["meta"]
-    return STRUCTURED_KEY in meta
-
-
-def _apply_config(module: nn.Module, cfg: dict, name: str, path: Path) -> None:
-    kind = cfg.get("type")
-    expected = {"conv": _ConvNd, "batchnorm": _BatchNorm, "linear": nn.Linear}.get(kind)
-    if expected is None or not isinstance(module, expected):
-        raise CheckpointError(f"structured model file {path}: module {name!r} is a {type(module).__name__}, "
-                              f"the file describes a {kind}")
-    for attr, value in cfg.items():
-        if attr != "type":
-            setattr(module, attr, int(value))
-
-
-def _reshape_tensor(net: nn.Module, key: str, saved: Tensor) -> None:
-    owner_name, _, attr = key.rpartition(".")
-    owner = net.get_submodule(owner_name)
-    if attr in owner._parameters and owner._parameters[attr] is not None:
-        old = owner._parameters[attr]
-        owner._parameters[attr] = nn.Parameter(torch.empty(saved.shape, dtype=old.dtype),
-                                               requires_grad=old.requires_grad)
-    elif attr in owner._buffers and owner._buffers[attr] is not None:
-        owner._buffers[attr] = torch.empty(saved.shape, dtype=owner._buffers[attr].dtype)
-
-
-def load_structured(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model written by :func:`save_structured` (``torch.load(weights_only=True)``).
-
-    Builds ``create_model`` from the meta, gives the recorded modules their pruned shapes and
-    loads the weights strictly. A file without ``meta["structured"]`` (a plain
-    :func:`~components.models.checkpoint.save_model` file) loads as the unpruned model, so this
-    function can read every ``.pt`` the prune stage writes. Returns ``(model.eval(), meta)``.
-    """
-    path = Path(path)
-    payload = load_payload(path)
-    meta, state = payload["meta"], payload["state_dict"]
-    net = build_from_meta(meta)
-    info = meta.get(STRUCTURED_KEY)
-    if info is not None:
-        if not isinstance(info, dict) or not isinstance(info.get("modules"), dict):
-            raise CheckpointError(f"structured model file {path}: meta['{STRUCTURED_KEY}'] has no 'modules' table")
-        if info.get("format", FORMAT_VERSION) > FORMAT_VERSION:
-            raise CheckpointError(f"structured model file {path} has format {info['format']}; this code reads "
-                                  f"up to {FORMAT_VERSION}")
-        modules = dict(net.named_modules())
-        for name, cfg in info["modules"].items():
-            if name not in modules:
-                raise CheckpointError(f"structured model file {path}: {meta['model_name']} has no module {name!r}")
-            _apply_config(modules[name], cfg, name, path)
-        own = net.state_dict()
-        for key, saved in state.items():
-            if key in own and own[key].shape != saved.shape:
-                _reshape_tensor(net, key, saved)
-    try:
-        net.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"model file {path}: weights do not fit {meta['model_name']}: {exc}") from None
-    for name, module in net.named_modules():  # the recorded shape attributes must match the weights
-        if isinstance(module, _ConvNd) and (module.weight.shape[0] != module.out_channels or
-                                            module.weight.shape[1] * module.groups != module.in_channels):
-            raise CheckpointError(f"structured model file {path}: {name} weight {tuple(module.weight.shape)} does "
-                                  f"not match in/out channels {module.in_channels}/{module.out_channels}")
-        if isinstance(module, nn.Linear) and tuple(module.weight.shape) != (module.out_features, module.in_features):
-            raise CheckpointError(f"structured model file {path}: {name} weight {tuple(module.weight.shape)} does "
-                                  f"not match in/out features {module.in_features}/{module.out_features}")
-    return net.eval(), meta

@@ -1,4 +1,5 @@
-"""Global magnitude (unstructured) pruning with torch.nn.utils.prune, and a sparse model file.
+"""Global magnitude (unstructured) pruning with torch.nn.utils.prune; its sparse model file is
+:func:`components.models.checkpoint.save_sparse`.
 
 Masks from torch.nn.utils.prune save nothing at run time (pytorch/pytorch#36214); what they
 do save is storage, once the zeros are stored sparsely. The file format here keeps, for each
@@ -7,19 +8,12 @@ tensor, either the dense array or a bit mask plus the non-zero values, in a comp
 """
 from __future__ import annotations
 
-import json
-import zipfile
-import zlib
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from components.models.checkpoint import CheckpointError, REQUIRED_META, build_from_meta
 
-SPARSE_MIN = 0.2  # below this sparsity a dense array is smaller than mask + values
 
 
 def prunable_parameters(model: nn.Module, include_fc: bool = False) -> list[tuple[nn.Module, str]]:
@@ -94,57 +88,3 @@ def sparsity_report(model: nn.Module, include_fc: bool = False) -> dict:
     return {"target_sparsity_measured": zeros / max(1, total), "target_params": total,
             "params": all_params, "nonzero_params": all_params - all_zeros,
             "overall_sparsity": all_zeros / max(1, all_params)}
-
-
-def save_sparse(path: str | Path, model: nn.Module, meta: dict) -> Path:
-    """Write a compressed sparse model file (.npz): bit masks + non-zero values for sparse tensors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays: dict[str, np.ndarray] = {"__meta__": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)}
-    for name, t in model.state_dict().items():
-        a = t.detach().cpu().numpy()
-        if a.dtype.kind == "f" and a.size >= 64 and (a == 0).mean() >= SPARSE_MIN:
-            mask = a != 0
-            arrays[f"{name}::mask"] = np.packbits(mask.ravel())
-            arrays[f"{name}::values"] = a[mask]
-            arrays[f"{name}::shape"] = np.asarray(a.shape, dtype=np.int64)
-        else:
-            arrays[f"{name}::dense"] = a
-    with open(path, "wb") as fh:  # np.savez_compressed would append ".npz" to a bare path name
-        np.savez_compressed(fh, **arrays)
-    return path
-
-
-def load_sparse(path: str | Path) -> tuple[nn.Module, dict]:
-    """Rebuild a model from :func:`save_sparse`'s file (dense weights in memory)."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"sparse model file {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            meta = json.loads(bytes(z["__meta__"]).decode())
-            state: dict[str, torch.Tensor] = {}
-            for key in z.files:
-                if key == "__meta__":
-                    continue
-                name, kind = key.rsplit("::", 1)
-                if kind == "dense":
-                    state[name] = torch.from_numpy(z[key].copy())
-                elif kind == "mask":
-                    shape = tuple(z[f"{name}::shape"])
-                    values = z[f"{name}::values"]
-                    mask = np.unpackbits(z[key], count=int(np.prod(shape))).astype(bool)
-                    dense = np.zeros(mask.size, dtype=values.dtype)
-                    dense[mask] = values
-                    state[name] = torch.from_numpy(dense.reshape(shape))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as exc:
-        raise CheckpointError(f"sparse model file {path} is malformed: {exc}") from None
-    missing = [k for k in REQUIRED_META if k not in meta]
-    if missing:
-        raise CheckpointError(f"sparse model file {path}: metadata lacks {missing}")
-    model = build_from_meta(meta)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise CheckpointError(f"sparse model file {path}: weights do not fit {meta['model_name']}: {exc}") from None
-    return model.eval(), meta

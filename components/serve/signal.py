@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-from components.augment.cwt import cwt_kwargs, scalogram
+from components.data.cwt import cwt_kwargs, scalogram
 from components.data.eeg import EEGFormatError, parse_signal_text, segment
 from components.data.images import encode_png
 

@@ -11,8 +11,6 @@ synchronised across workers by torchmetrics), a checkpoint (model, optimizer, st
 """
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import time
@@ -24,6 +22,7 @@ import torch
 from components.models.checkpoint import unwrap
 from components.models.detector import YoloLoss, decode, postprocess
 from components.models.registry import create_model
+from components.evaluate.detection_metrics import compute_quietly, map_summary, new_map_metric, target_dicts, targets_list
 from components.progress import post
 from components.train.loop import _WandbSink, progress, report_epoch, restore_checkpoint
 from components.train.precision import autocast, grad_scaler, resolve_precision
@@ -44,29 +43,6 @@ def detection_dataset(shards_dir: str | Path, split: str | None, *, policy: str 
         ds = ds.filter(expr=f"split == '{split}'")
     return ds.map_batches(detection_batch, batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_task,
                           fn_kwargs=dict(image_size=image_size, in_chans=in_chans, policy=policy, seed=seed))
-
-
-def targets_list(padded: torch.Tensor) -> list[torch.Tensor]:
-    """(B, max_boxes, 5) padded targets -> a list of (n_i, 5) tensors (rows with class >= 0)."""
-    return [t[t[:, 0] >= 0] for t in padded]
-
-
-def target_dicts(padded: torch.Tensor, image_hw: tuple[int, int]) -> list[dict[str, torch.Tensor]]:
-    """Padded normalised targets -> torchmetrics' ground-truth dicts (xyxy pixels, labels)."""
-    h, w = image_hw
-    out = []
-    for t in targets_list(padded):
-        cx, cy, bw, bh = t[:, 1] * w, t[:, 2] * h, t[:, 3] * w, t[:, 4] * h
-        out.append({"boxes": torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1).float(),
-                    "labels": t[:, 0].long()})
-    return out
-
-
-def new_map_metric(class_metrics: bool = False):
-    from torchmetrics.detection import MeanAveragePrecision
-
-    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=class_metrics,
-                                backend="pycocotools")
 
 
 @torch.no_grad()
@@ -90,24 +66,6 @@ def evaluate_batches(model: torch.nn.Module, batches, device: torch.device, *, s
         metric.update([{k: v.cpu() for k, v in d.items()} for d in dets], target_dicts(batch["targets"].cpu(), hw))
         n += len(x)
     return metric, n
-
-
-def compute_quietly(metric) -> dict:
-    """``metric.compute()`` without pycocotools' summary table on stdout (the numbers are returned)."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        return metric.compute()
-
-
-def map_summary(result: dict, class_names: list[str] | None = None) -> dict:
-    """Plain floats from a torchmetrics mAP result; with ``class_names`` (a metric made with
-    ``class_metrics=True``) also ``ap_per_class``: each class's AP at the metric's IoU thresholds."""
-    out = {"map_50": float(result["map_50"]), "map_50_95": float(result["map"]), "map_75": float(result["map_75"]),
-           "mar_100": float(result["mar_100"])}
-    if class_names is not None:
-        values = result["map_per_class"].reshape(-1).tolist()
-        ids = result["classes"].reshape(-1).tolist()
-        out["ap_per_class"] = {class_names[int(i)]: float(v) for i, v in zip(ids, values)}
-    return out
 
 
 def _lr_factor(step: int, epoch: int, epochs: int, warmup_steps: int) -> float:
