@@ -1,0 +1,62 @@
+"""Cluster security and sizing of the KubeRay manifests: every Ray object turns on Ray token
+authentication with the token from one Secret, nothing exposes the head (dashboard, Jobs API, GCS)
+outside the cluster, and the RayService can grow its workers. Rendered with `kubectl kustomize` and
+validated against the KubeRay CRD schemas by the helpers of tests/test_k8s.py (no cluster needed)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from tests.test_k8s import OVERLAYS, TARGETS, cluster_spec, groups, one, rendered, schema_errors
+
+TOKEN_SECRET = "resops-ray-token"
+RAY_KINDS = ("RayCluster", "RayJob", "RayService")
+HEAD_PORTS = {6379, 8265, 10001}  # GCS, dashboard + Jobs API, Ray client
+
+
+@pytest.mark.parametrize("target", TARGETS)
+@pytest.mark.parametrize("kind", RAY_KINDS)
+def test_every_ray_cluster_uses_token_auth_from_the_secret(target, kind):
+    spec = cluster_spec(one(rendered(target), kind))
+    assert spec.get("authOptions") == {"mode": "token", "secretName": TOKEN_SECRET}, spec.get("authOptions")
+    # A RAY_AUTH_MODE set by hand in a pod could disagree with authOptions (the GCS and the workers must agree).
+    for gname, g in groups(one(rendered(target), kind)):
+        for c in g["template"]["spec"]["containers"]:
+            names = {e["name"] for e in c.get("env", [])}
+            assert not names & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, f"{kind} {gname}: set by KubeRay from authOptions"
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_nothing_exposes_the_head_outside_the_cluster(target):
+    objs = rendered(target)
+    for kind in RAY_KINDS:
+        head = cluster_spec(one(objs, kind))["headGroupSpec"]
+        assert head.get("serviceType", "ClusterIP") == "ClusterIP", f"{kind}: head Service {head.get('serviceType')}"
+    for obj in objs:
+        if obj["kind"] == "Service":
+            assert obj["spec"].get("type", "ClusterIP") == "ClusterIP", obj["metadata"]["name"]
+        assert obj["kind"] not in ("Ingress", "Route", "Gateway", "HTTPRoute"), \
+            f"{obj['kind']} {obj['metadata']['name']}: the head is reached with kubectl port-forward"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_autoscales_its_workers(overlay):
+    service = one(rendered(overlay), "RayService")
+    spec = cluster_spec(service)
+    assert spec.get("enableInTreeAutoscaling") is True
+    workers = dict(groups(service))
+    workers.pop("head", None)
+    assert any(g["maxReplicas"] > g["minReplicas"] for g in workers.values()), \
+        {n: (g["minReplicas"], g["maxReplicas"]) for n, g in workers.items()}
+
+
+def test_the_schema_refuses_a_broken_auth_block():
+    raycluster = one(rendered("cpu"), "RayCluster")
+    assert not schema_errors(raycluster)
+    bad = copy.deepcopy(raycluster)
+    bad["spec"]["authOptions"]["mode"] = "password"
+    assert any("authOptions.mode" in e and "password" in e for e in schema_errors(bad)), schema_errors(bad)
+    typo = copy.deepcopy(raycluster)
+    typo["spec"]["authOptions"]["secret"] = typo["spec"]["authOptions"].pop("secretName")
+    assert any("'secret' was unexpected" in e for e in schema_errors(typo, strict=True)), schema_errors(typo)
