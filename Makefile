@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.resops-installed
 
-.PHONY: install run quality test bench clean-venv
+.PHONY: install run quality test bench figures clean-venv
 
 $(STAMP): requirements.lock pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ quality: $(STAMP)  # the quality preset (presets/quality.yaml) as a DVC experime
 
 test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q --durations=25
+
+figures: $(STAMP)  # README tables from metrics/*.json and benchmarks/results/*.json (tools/figures.py)
+	$(BIN)/python tools/figures.py
 
 bench: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python benchmarks/train_throughput.py

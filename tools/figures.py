@@ -1,0 +1,179 @@
+"""README tables rendered from the JSON the pipeline and the benchmarks wrote.
+
+Each table sits in README.md between ``<!-- figures:NAME -->`` and ``<!-- /figures:NAME -->``; this
+script renders it from its source file (``metrics/*.json`` of the last ``dvc repro``, or
+``benchmarks/results/*.json``) and writes it there, with a line naming the source, the model version
+and the machine. ``--check`` writes nothing and exits 1 when a table in README.md differs from what
+its JSON renders (tests/test_figures.py runs it), so a number edited by hand, or a JSON re-measured
+without re-rendering, fails the tests.
+
+    python tools/figures.py           # re-render every table in README.md
+    python tools/figures.py --check   # exit 1 and name the tables that are stale
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
+
+
+def _load(rel: str) -> dict:
+    return json.loads((ROOT / rel).read_text())
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _machine(env: dict | None) -> str:
+    cpu = (env or {}).get("cpu") or {}
+    if not cpu:
+        return "machine not recorded"
+    flags = [f for f in cpu.get("flags", []) if f in ("avx512_bf16", "amx_bf16")]
+    return (f"{cpu.get('model', '?')}, {cpu.get('cores', '?')} cores"
+            f"{', ' + '/'.join(flags) if flags else ', no native bf16'}")
+
+
+def _source(files: list[str], version: str | None, env: dict | None) -> str:
+    what = ", ".join(f"`{f}`" for f in files)
+    return f"Source: {what}; model {f'**{version}**' if version else 'trained by the benchmark itself'}; {_machine(env)}."
+
+
+def _ci(m: dict, key: str) -> str:
+    lo, hi = m["ci95"][key]
+    return f"**{m[key]:.3f}** [{lo:.3f}, {hi:.3f}]"
+
+
+def promoted_version_of(evaluate: dict) -> str | None:
+    """The registry entry whose recorded test metrics are those of metrics/evaluate.json (None: no such entry)."""
+    registry = _load("models/registry.json")
+    for entry in reversed(registry.get("entries", [])):
+        m = entry.get("metrics", {})
+        if all(abs(float(m.get(k, -1)) - float(evaluate["full"][k])) < 1e-6 for k in ("accuracy", "macro_f1")):
+            return entry["version"]
+    return None
+
+
+def default_pipeline() -> str:
+    ev = _load("metrics/evaluate.json")
+    full = ev["full"]
+    rows = [["majority class", f"{full['majority_rate']:.3f}", f"{1 / len(full['per_class']):.3f}", "-", "0", "-"]]
+    prune = _load("metrics/prune.json")
+    how = prune["method"]
+    if prune.get("macs_before") and prune.get("macs_after"):
+        how += f", MACs -{1 - prune['macs_after'] / prune['macs_before']:.0%}"
+    if (prune.get("distill") or {}).get("enabled"):
+        how += ", distilled"
+    names = {"full": "resops full model (`models/train/model.pt`), the cloud tier",
+             "pruned": f"resops edge model: {how} (`models/prune/{prune.get('edge_file', 'model.pt')}`)",
+             "int8": "resops edge model, int8 ONNX (`models/prune/model.int8.onnx`), the edge tier"}
+    for key in ("full", "pruned", "int8"):
+        m = ev[key]
+        auc = f"{m['roc_auc_ovr']:.3f}" if m.get("roc_auc_ovr") is not None else "-"
+        rows.append([names[key], _ci(m, "accuracy"), _ci(m, "balanced_accuracy"), _ci(m, "macro_f1"),
+                     f"{m['mcc']:.3f}", auc])
+    version = promoted_version_of(ev)
+    note = "" if version else " (**not** the promoted version: metrics/evaluate.json matches no registry entry)"
+    table = _table(["model", "accuracy", "balanced acc.", "macro-F1", "MCC", "ROC-AUC (OvR)"], rows)
+    train = _load("metrics/train.json")
+    machine = f"on a CPU with torch capability {train.get('cpu_capability', '?')}, in {train.get('precision', '?')}"
+    return (f"{table}\n\nSource: `metrics/evaluate.json` ({full['num_samples']} test images) of model "
+            f"**{version or '?'}**{note}; trained {machine}.")
+
+
+def _mean_std(s: dict, key: str, bold: bool = False) -> str:
+    v = s[key]
+    text = f"{v['mean']:.3f}" + (f" +- {v['std']:.3f}" if v["n"] > 1 else "")
+    return f"**{text}**" if bold else text
+
+
+def accuracy_bf16() -> str:
+    d = _load("benchmarks/results/accuracy_bf16.json")
+    s = d["summary"]
+    names = {"plain@30": "plain script, 128 px", "quality": "resops `quality` preset",
+             "plain@10": "plain script, 128 px", "default": "resops default (`params.yaml`)"}
+    rows = []
+    pairs = [("plain@30", "quality"), ("plain@10", "default")]
+    for pair in pairs:
+        for arm in pair:
+            if arm not in s:
+                continue
+            other = s.get(pair[1] if arm == pair[0] else pair[0])
+            cells = []
+            for key in ("accuracy", "balanced_accuracy", "macro_f1", "mcc", "binary_accuracy"):
+                better = other is None or s[arm][key]["mean"] >= other[key]["mean"]
+                cells.append(_mean_std(s[arm], key, bold=better))
+            rows.append([names[arm], ", ".join(map(str, s[arm]["seeds"])), f"{s[arm]['training_minutes']['mean']:.1f} min",
+                         "/".join(s[arm]["precision"]), f"{s[arm]['images_per_second']['mean']:.1f}", *cells])
+    table = _table(["system", "seeds", "training", "precision", "img/s", "accuracy", "balanced acc.", "macro-F1",
+                    "MCC", "binary acc."], rows)
+    return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+
+
+def train_throughput() -> str:
+    d = _load("benchmarks/results/train_throughput.json")
+    rows = [[name, f"{r['images_per_second']:.1f}", f"{r['ratio_to_plain_same_precision']:.2f}x"]
+            for name, r in d["results"].items()]
+    table = _table(["configuration", "img/s", "vs plain loop, same precision"], rows)
+    return f"{table}\n\n{_source(['benchmarks/results/train_throughput.json'], None, {'cpu': d.get('cpu')})}"
+
+
+def drift() -> str:
+    d = _load("benchmarks/results/drift.json")
+    rows = [[name, f"{a['intensity_score_median']:.2f}", f"{a['embedding_score_median']:.2f}",
+             f"{a['score_median']:.2f} [{a['score_min']:.2f}, {a['score_max']:.2f}]", f"{a['declared_rate']:.0%}"]
+            for name, a in d["arms"].items()]
+    table = _table(["inputs", "intensity score", "embedding score", "score, median [min, max]",
+                    "windows declared drifted"], rows)
+    return f"{table}\n\n{_source(['benchmarks/results/drift.json'], d.get('model_version'), d.get('environment'))}"
+
+
+RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16,
+             "train-throughput": train_throughput, "drift": drift}
+
+
+def render_readme(text: str) -> tuple[str, list[str], list[str]]:
+    """(README with every block re-rendered, names of blocks that changed, names of unknown blocks)."""
+    changed, unknown = [], []
+
+    def sub(match: re.Match) -> str:
+        name = match["name"]
+        if name not in RENDERERS:
+            unknown.append(name)
+            return match[0]
+        body = RENDERERS[name]() + "\n"
+        if body != match["body"]:
+            changed.append(name)
+        return match[1] + body + match[4]
+
+    return BLOCK.sub(sub, text), changed, unknown
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when a table is stale")
+    ap.add_argument("--readme", default=str(README))
+    args = ap.parse_args(argv)
+    path = Path(args.readme)
+    new, changed, unknown = render_readme(path.read_text())
+    if unknown:
+        print(f"figures: no renderer for {unknown}; known: {sorted(RENDERERS)}", file=sys.stderr)
+        return 1
+    if args.check:
+        for name in changed:
+            print(f"figures: README table {name!r} differs from what its JSON renders (python tools/figures.py)")
+        return 1 if changed else 0
+    path.write_text(new)
+    print(f"figures: {len(BLOCK.findall(new))} tables rendered, {len(changed)} changed: {changed}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
