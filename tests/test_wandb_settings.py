@@ -5,7 +5,7 @@ from pathlib import Path
 
 import yaml
 
-from components.train.loop import _WandbSink
+from components.train.loop import WandbSink as _WandbSink
 
 ROOT = Path(__file__).resolve().parents[1]
 

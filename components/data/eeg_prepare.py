@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 
 from components.data.cwt import cwt_kwargs, save_example_scalograms, scalogram_batch
-from components.data.eeg import EEGDataset, reassemble_by_class, segment
+from components.data.digest import manifest_digest
+from components.data.eeg_base import EEGDataset
+from components.data.eeg_segments import reassemble_by_class, segment
 from components.data.prepare import SPLITS, PrepareResult, split_by_group, write_prepared
 
 COLUMNS = ["image", "path", "label", "label_name", "split", "group", "sha256", "width", "height", "source", "attrs"]
@@ -103,6 +105,6 @@ def prepare_eeg(ds: EEGDataset, out_dir: str | Path, *, dataset: str, task: str,
               "overlap": int(overlap), "reassembled": added, "parts": int(parts), "cwt": cwt,
               "num_prepared": len(manifest), "counts": counts, "shards": shards, "corrupt": ds.skipped,
               "examples": str(examples),
-              "data_digest": hashlib.sha256("".join(manifest["sha256"] + manifest["split"]).encode()).hexdigest()}
+              "data_digest": manifest_digest(manifest)}
     (out_dir / "report.json").write_text(json.dumps(report, indent=2))
     return PrepareResult(manifest, report)

@@ -133,6 +133,34 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) ->
 # ----------------------------------------------------------------------------- threshold
 
 
+def _check_confidence(confidence) -> np.ndarray:
+    conf = np.asarray(confidence, dtype=np.float64)
+    if conf.ndim != 1:
+        raise ValueError(f"confidence must be 1-D, got shape {conf.shape}")
+    if conf.shape[0] == 0:
+        raise ValueError("confidence is empty: need at least one sample")
+    if not np.all(np.isfinite(conf)) or conf.min() < 0 or conf.max() > 1:
+        raise ValueError("confidence must be finite and lie in [0, 1]")
+    return conf
+
+
+def _bootstrap_bound(conf: np.ndarray, cands: np.ndarray, edge_ok: np.ndarray, cloud_ok: np.ndarray, *,
+                     paired: bool, confidence_level: float, n_boot: int, seed: int) -> np.ndarray:
+    """Per candidate threshold, the one-sided ``confidence_level`` bootstrap bound (``n_boot``
+    resamples of the samples) of the cascade accuracy, or with ``paired`` of the cascade-minus-cloud
+    accuracy difference."""
+    if not 0.5 <= float(confidence_level) < 1.0:
+        raise ValueError(f"confidence_level must lie in [0.5, 1), got {confidence_level!r}")
+    n = conf.shape[0]
+    # Per sample and candidate: correct in the cascade (or cascade minus cloud, paired).
+    answered_at_edge = conf[:, None] >= cands[None, :]
+    per = np.where(answered_at_edge, edge_ok[:, None], cloud_ok[:, None]).astype(np.float64)
+    if paired:
+        per = per - cloud_ok[:, None]
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n
+    return np.quantile(weights @ per, 1.0 - float(confidence_level), axis=0)
+
+
 def choose_threshold(confidence: np.ndarray, edge_pred: np.ndarray, cloud_pred: np.ndarray, labels: np.ndarray,
                      *, target: str, value: float, confidence_level: float | None = None, n_boot: int = 2000,
                      seed: int = 0) -> dict:
@@ -161,14 +189,8 @@ def choose_threshold(confidence: np.ndarray, edge_pred: np.ndarray, cloud_pred: 
     v = float(value)
     if not np.isfinite(v) or not 0.0 <= v <= 1.0:
         raise ValueError(f"value for target {target!r} must lie in [0, 1], got {value!r}")
-    conf = np.asarray(confidence, dtype=np.float64)
-    if conf.ndim != 1:
-        raise ValueError(f"confidence must be 1-D, got shape {conf.shape}")
+    conf = _check_confidence(confidence)
     n = conf.shape[0]
-    if n == 0:
-        raise ValueError("confidence is empty: need at least one sample")
-    if not np.all(np.isfinite(conf)) or conf.min() < 0 or conf.max() > 1:
-        raise ValueError("confidence must be finite and lie in [0, 1]")
     y = _check_labels(labels, n)
     edge_ok = _check_labels(edge_pred, n, name="edge_pred") == y
     cloud_ok = _check_labels(cloud_pred, n, name="cloud_pred") == y
@@ -198,16 +220,10 @@ def choose_threshold(confidence: np.ndarray, edge_pred: np.ndarray, cloud_pred: 
         need = cloud_acc - v if target == "accuracy_drop" else v
         score = acc
         if confidence_level is not None:
-            if not 0.5 <= float(confidence_level) < 1.0:
-                raise ValueError(f"confidence_level must lie in [0.5, 1), got {confidence_level!r}")
-            # Per sample and candidate: correct in the cascade (or cascade minus cloud, paired).
-            answered_at_edge = conf[:, None] >= cands[None, :]
-            per = np.where(answered_at_edge, edge_ok[:, None], cloud_ok[:, None]).astype(np.float64)
+            score = _bootstrap_bound(conf, cands, edge_ok, cloud_ok, paired=target == "accuracy_drop",
+                                     confidence_level=confidence_level, n_boot=n_boot, seed=seed)
             if target == "accuracy_drop":
-                per = per - cloud_ok[:, None]
                 need = -v
-            weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n
-            score = np.quantile(weights @ per, 1.0 - float(confidence_level), axis=0)
         feasible = score >= need - _EPS
         reached = bool(feasible.any())
         # Candidates ascend in threshold, so escalation rate is non-decreasing: first feasible wins.

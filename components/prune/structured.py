@@ -270,6 +270,74 @@ def _prune_in_place(model: nn.Module, example_input: Tensor, channel_ratio: floa
     model.zero_grad(set_to_none=True)
 
 
+def _check_arguments(target: str, ratio: float, importance: str, iterative_steps: int, round_to: int | None,
+                     max_channel_ratio: float, grad_batch) -> None:
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
+    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
+        raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
+    if importance not in IMPORTANCES:
+        raise ValueError(f"unknown importance {importance!r}; choose from {list(IMPORTANCES)}")
+    if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) or iterative_steps < 1:
+        raise ValueError(f"iterative_steps must be a positive integer, got {iterative_steps!r}")
+    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
+        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
+    if not 0 < max_channel_ratio < 1:
+        raise ValueError(f"max_channel_ratio must be in (0, 1), got {max_channel_ratio!r}")
+    if importance == "taylor" and grad_batch is None:
+        raise ValueError("importance='taylor' needs grad_batch=(images, labels) to compute gradients")
+
+
+def _search(net: nn.Module, example_input: Tensor, options: dict, remaining: Callable[[nn.Module], float], *,
+            ratio: float, target: str, tolerance: float, max_trials: int,
+            max_channel_ratio: float) -> tuple[nn.Module, dict, list[dict]]:
+    """Prune copies of ``net`` at channel ratios searched until the reduction (1 - ``remaining``,
+    the fraction of the target left) is within ``tolerance`` of ``ratio``: a corrected-quadratic
+    guess, then bisection inside the bracket. Returns (the closest pruned copy, its trial, all trials);
+    raises :class:`StructuredPruningError` when the closest misses by more than ``ACCEPT_RELATIVE``."""
+    candidates: dict[float, nn.Module] = {}
+    trials: list[dict] = []
+
+    def trial(channel_ratio: float) -> float:
+        candidate = copy.deepcopy(net)
+        try:
+            _prune_in_place(candidate, example_input, channel_ratio, **options)
+        except Exception as exc:  # tracing or an unsupported layer: say which model
+            raise StructuredPruningError(f"torch-pruning cannot prune {type(net).__name__} "
+                                         f"(channel ratio {channel_ratio:.3f}): {exc}") from exc
+        reduction = 1 - remaining(candidate)
+        best_so_far = min((abs(t["reduction"] - ratio) for t in trials), default=math.inf)
+        if abs(reduction - ratio) < best_so_far:  # keep only the closest pruned copy
+            candidates.clear()
+            candidates[channel_ratio] = candidate
+        return reduction
+
+    lo, hi = 0.0, max_channel_ratio
+    r = 1 - math.sqrt(1 - ratio)  # MACs and parameters ~ (1 - channel ratio)^2
+    for _ in range(max_trials):
+        r = min(max(r, 1e-4), max_channel_ratio)
+        reduction = trial(r)
+        trials.append({"channel_ratio": r, "reduction": reduction})
+        if abs(reduction - ratio) <= tolerance:
+            break
+        if reduction < ratio:
+            lo = max(lo, r)
+            if r >= max_channel_ratio:
+                break  # cannot prune further
+        else:
+            hi = min(hi, r)
+        # remaining ~ c * (1 - r)^2: the r that gives the requested remaining fraction
+        guess = 1 - (1 - r) * math.sqrt((1 - ratio) / max(1 - reduction, 1e-9))
+        r = guess if lo < guess < hi else (lo + hi) / 2
+    best = min(trials, key=lambda t: abs(t["reduction"] - ratio))
+    if abs(best["reduction"] - ratio) > max(tolerance, ACCEPT_RELATIVE * ratio):
+        raise StructuredPruningError(
+            f"no channel ratio removes {ratio:.0%} of the {target} of {type(net).__name__} within "
+            f"{ACCEPT_RELATIVE:.0%}; closest: {best['reduction']:.1%} at channel ratio "
+            f"{best['channel_ratio']:.3f} (trials: {trials})")
+    return candidates[best["channel_ratio"]], best, trials
+
+
 def structured_prune(model: nn.Module, example_input: Tensor, *, target: str = "macs", ratio: float = 0.5,
                      importance: str = "l1", global_pruning: bool = False, iterative_steps: int = 1,
                      round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] | None = None,
@@ -293,20 +361,7 @@ def structured_prune(model: nn.Module, example_input: Tensor, *, target: str = "
     ``importance="taylor"`` needs ``grad_batch=(images, labels)`` (gradients of ``loss_fn``,
     cross-entropy by default, on that batch, model in eval mode).
     """
-    if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-    if not isinstance(ratio, (int, float)) or not 0 < ratio < 1:
-        raise ValueError(f"ratio must be in (0, 1), got {ratio!r}")
-    if importance not in IMPORTANCES:
-        raise ValueError(f"unknown importance {importance!r}; choose from {list(IMPORTANCES)}")
-    if isinstance(iterative_steps, bool) or not isinstance(iterative_steps, int) or iterative_steps < 1:
-        raise ValueError(f"iterative_steps must be a positive integer, got {iterative_steps!r}")
-    if round_to is not None and (not isinstance(round_to, int) or round_to < 1):
-        raise ValueError(f"round_to must be a positive integer or None, got {round_to!r}")
-    if not 0 < max_channel_ratio < 1:
-        raise ValueError(f"max_channel_ratio must be in (0, 1), got {max_channel_ratio!r}")
-    if importance == "taylor" and grad_batch is None:
-        raise ValueError("importance='taylor' needs grad_batch=(images, labels) to compute gradients")
+    _check_arguments(target, ratio, importance, iterative_steps, round_to, max_channel_ratio, grad_batch)
     loss_fn = loss_fn or nn.functional.cross_entropy
     net = unwrap(model)
     ignored = sorted(set(_module_names(net, list(default_ignored(net)) + list(ignored_layers or []))))
@@ -328,48 +383,9 @@ def structured_prune(model: nn.Module, example_input: Tensor, *, target: str = "
         macs0, params0 = measure(net)
         base = macs0 if target == "macs" else params0
         channels0 = conv_channels(net)
-        candidates: dict[float, nn.Module] = {}
-
-        def trial(channel_ratio: float) -> float:
-            candidate = copy.deepcopy(net)
-            try:
-                _prune_in_place(candidate, example_input, channel_ratio, **options)
-            except Exception as exc:  # tracing or an unsupported layer: say which model
-                raise StructuredPruningError(f"torch-pruning cannot prune {type(net).__name__} "
-                                             f"(channel ratio {channel_ratio:.3f}): {exc}") from exc
-            macs, params = measure(candidate)
-            reduction = 1 - (macs if target == "macs" else params) / base
-            best_so_far = min((abs(t["reduction"] - ratio) for t in trials), default=math.inf)
-            if abs(reduction - ratio) < best_so_far:  # keep only the closest pruned copy
-                candidates.clear()
-                candidates[channel_ratio] = candidate
-            return reduction
-
-        trials: list[dict] = []
-        lo, hi = 0.0, max_channel_ratio
-        r = 1 - math.sqrt(1 - ratio)  # MACs and parameters ~ (1 - channel ratio)^2
-        for _ in range(max_trials):
-            r = min(max(r, 1e-4), max_channel_ratio)
-            reduction = trial(r)
-            trials.append({"channel_ratio": r, "reduction": reduction})
-            if abs(reduction - ratio) <= tolerance:
-                break
-            if reduction < ratio:
-                lo = max(lo, r)
-                if r >= max_channel_ratio:
-                    break  # cannot prune further
-            else:
-                hi = min(hi, r)
-            # remaining ~ c * (1 - r)^2: the r that gives the requested remaining fraction
-            guess = 1 - (1 - r) * math.sqrt((1 - ratio) / max(1 - reduction, 1e-9))
-            r = guess if lo < guess < hi else (lo + hi) / 2
-        best = min(trials, key=lambda t: abs(t["reduction"] - ratio))
-        if abs(best["reduction"] - ratio) > max(tolerance, ACCEPT_RELATIVE * ratio):
-            raise StructuredPruningError(
-                f"no channel ratio removes {ratio:.0%} of the {target} of {type(net).__name__} within "
-                f"{ACCEPT_RELATIVE:.0%}; closest: {best['reduction']:.1%} at channel ratio "
-                f"{best['channel_ratio']:.3f} (trials: {trials})")
-        pruned = candidates[best["channel_ratio"]]
+        pruned, best, trials = _search(net, example_input, options, lambda m: measure(m)[target == "params"] / base,
+                                       ratio=ratio, target=target, tolerance=tolerance, max_trials=max_trials,
+                                       max_channel_ratio=max_channel_ratio)
         with torch.no_grad():
             out_after = pruned(example_input)
         if _shapes(out_after) != _shapes(out_before):

@@ -348,6 +348,40 @@ def _align(rows: pd.DataFrame, frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def _oversample(frame: pd.DataFrame, keep: np.ndarray, labels: np.ndarray, over: list[str], ratios, majority: int,
+                seed: int, names: dict[int, str], *, generator, gan_size: int | None, smote_size: int,
+                smote_k_neighbors: int, in_chans: int, max_pixels: int):
+    """The over-samplers ``over`` on the rows ``keep``, sharing each class's deficit: returns (rows
+    added per method and class, the indices random_over repeats, synthetic frames, generator version)."""
+    added: dict[str, dict[int, int]] = {}
+    repeats = np.empty(0, dtype=np.int64)
+    synthetic: list[pd.DataFrame] = []
+    version = None
+    if not over or not len(keep):
+        return added, repeats, synthetic, version
+    current = _counts(labels[keep])
+    goal = sampling_strategy(current, over[0], ratios, majority)
+    shares = _split_deficit({c: goal[c] - n for c, n in current.items()}, over)
+    for method in over:
+        share = {c: n for c, n in shares[method].items() if n > 0}
+        added[method] = {c: shares[method].get(c, 0) for c in current}
+        if not share:
+            continue
+        if method == "random_over":
+            s = RandomOverSampler(sampling_strategy={c: n + share.get(c, 0) for c, n in current.items()},
+                                  random_state=seed)
+            s.fit_resample(keep.reshape(-1, 1), labels[keep])
+            repeats = keep[s.sample_indices_[len(keep):]]
+        elif method == "smote":
+            synthetic.append(smote_rows(frame, keep, share, seed=seed, size=smote_size, in_chans=in_chans,
+                                        k_neighbors=smote_k_neighbors, max_pixels=max_pixels, label_names=names))
+        else:
+            rows = gan_rows(generator, share, seed=seed, size=gan_size, label_names=names)
+            version = _generator_version(rows)
+            synthetic.append(_with_version_in_attrs(rows, version))
+    return added, repeats, synthetic, version
+
+
 def rebalance_frame(frame: pd.DataFrame, num_classes: int, strategy: str | Sequence[str] = "none",
                     target_ratio: TargetRatio = 1.0, class_weight: str = "none", seed: int = 42, *,
                     generator: object = None, gan_size: int | None = None, smote_size: int = 32,
@@ -394,31 +428,10 @@ def rebalance_frame(frame: pd.DataFrame, num_classes: int, strategy: str | Seque
         s.fit_resample(keep.reshape(-1, 1), labels[keep])
         keep = np.sort(keep[s.sample_indices_])
 
-    added: dict[str, dict[int, int]] = {}
-    repeats = np.empty(0, dtype=np.int64)
-    synthetic: list[pd.DataFrame] = []
-    version = None
-    if over and len(keep):
-        current = _counts(labels[keep])
-        goal = sampling_strategy(current, over[0], ratios, majority)
-        shares = _split_deficit({c: goal[c] - n for c, n in current.items()}, over)
-        for method in over:
-            share = {c: n for c, n in shares[method].items() if n > 0}
-            added[method] = {c: shares[method].get(c, 0) for c in current}
-            if not share:
-                continue
-            if method == "random_over":
-                s = RandomOverSampler(sampling_strategy={c: n + share.get(c, 0) for c, n in current.items()},
-                                      random_state=seed)
-                s.fit_resample(keep.reshape(-1, 1), labels[keep])
-                repeats = keep[s.sample_indices_[len(keep):]]
-            elif method == "smote":
-                synthetic.append(smote_rows(frame, keep, share, seed=seed, size=smote_size, in_chans=in_chans,
-                                            k_neighbors=smote_k_neighbors, max_pixels=max_pixels, label_names=names))
-            else:
-                rows = gan_rows(generator, share, seed=seed, size=gan_size, label_names=names)
-                version = _generator_version(rows)
-                synthetic.append(_with_version_in_attrs(rows, version))
+    added, repeats, synthetic, version = _oversample(frame, keep, labels, over, ratios, majority, seed, names,
+                                                     generator=generator, gan_size=gan_size, smote_size=smote_size,
+                                                     smote_k_neighbors=smote_k_neighbors, in_chans=in_chans,
+                                                     max_pixels=max_pixels)
 
     rows_idx = np.sort(np.concatenate([keep, repeats, np.flatnonzero(~is_train)]).astype(np.int64), kind="stable")
     parts = [frame.iloc[rows_idx]] + [_align(r, frame) for r in synthetic if len(r)]

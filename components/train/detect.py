@@ -23,9 +23,9 @@ from components.models.checkpoint import unwrap
 from components.models.detector import YoloLoss, decode, postprocess
 from components.models.registry import create_model
 from components.evaluate.detection_metrics import compute_quietly, map_summary, new_map_metric, target_dicts, targets_list
-from components.progress import post
-from components.train.loop import _WandbSink, progress, report_epoch, restore_checkpoint
-from components.train.precision import autocast, grad_scaler, resolve_precision
+from components.train.precision import autocast, grad_scaler
+from components.train.worker import (BoardPoster, WandbSink, Worker, progress, report_epoch, restore_checkpoint,
+                                     start_worker)
 
 DETECTION_COLUMNS = ["image", "boxes", "split"]
 
@@ -74,18 +74,53 @@ def _lr_factor(step: int, epoch: int, epochs: int, warmup_steps: int) -> float:
     return warm * max(cos, 0.02)
 
 
+def _train_epoch(model, batches, optimizer, loss_fn, scaler, w: Worker, *, lr: float, epoch: int, epochs: int,
+                 warmup: int, step: int, tick) -> dict:
+    """One pass of YOLOv3 loss over ``batches`` (gradients clipped to norm 10); ``tick(step)`` after
+    every step. Returns the images seen, summed loss and box / obj / cls parts, steps done, seconds."""
+    model.train()
+    anchors = unwrap(model).anchors
+    t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, np.zeros(3)
+    for batch in batches:
+        for g in optimizer.param_groups:
+            g["lr"] = lr * _lr_factor(step, epoch, epochs, warmup)
+        x = batch["image"].to(w.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(w.device, w.precision):
+            outs = model(x)
+        loss, parts = loss_fn([o.float() for o in outs], targets_list(batch["targets"].to(w.device)), anchors,
+                              tuple(x.shape[-2:]))
+        (scaler.scale(loss) if scaler is not None else loss).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
+        scaler.step(optimizer) if scaler is not None else optimizer.step()
+        if scaler is not None:
+            scaler.update()
+        step += 1
+        tick(step)
+        seen += len(x)
+        loss_sum += float(loss.detach()) * len(x)
+        parts_sum += np.array([parts["box"], parts["obj"], parts["cls"]]) * len(x)
+    return {"seen": seen, "loss_sum": loss_sum, "parts_sum": parts_sum, "step": step,
+            "seconds": time.perf_counter() - t0}
+
+
+def _epoch_line(record: dict, epochs: int) -> str:
+    return (f"[train] epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.3f} (box "
+            f"{record['train_box_loss']:.3f} obj {record['train_obj_loss']:.3f} cls "
+            f"{record['train_cls_loss']:.3f})  val mAP@0.5 {record['val_map_50']:.3f}  mAP@0.5:0.95 "
+            f"{record['val_map_50_95']:.3f}  {record['images_per_second']:.1f} img/s  lr {record['lr']:.2e}")
+
+
 def detect_loop_per_worker(cfg: dict) -> None:
     """Ray Train worker entry point for detectors (see the module docstring); resumes from
     ``ray.train.get_checkpoint()`` like the classifier loop."""
     import ray.train
     import ray.train.torch
 
-    torch.set_num_threads(int(cfg["threads_per_worker"]))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    precision = resolve_precision(cfg.get("precision", "fp32"), device)
-    torch.manual_seed(int(cfg["seed"]) + rank)
+    w = start_worker(cfg)
+    torch.manual_seed(int(cfg["seed"]) + w.rank)
     model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg.get("model_kwargs", {}))
     model = model.to(memory_format=torch.channels_last)
     epochs, lr = int(cfg["epochs"]), float(cfg["lr"])
@@ -96,63 +131,39 @@ def detect_loop_per_worker(cfg: dict) -> None:
         state = restore_checkpoint(checkpoint, model)
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, step, history = int(state["epoch"]) + 1, int(state["step"]), json.loads(state["history"])
-        if rank == 0:
+        if w.rank == 0:
             progress(f"[train] resuming from the checkpoint of epoch {start_epoch} of {epochs}")
     model = ray.train.torch.prepare_model(model)
     loss_fn = YoloLoss(cfg["num_classes"], **cfg.get("loss", {}))
-    scaler = grad_scaler(device, precision)
-    sink = _WandbSink(cfg) if rank == 0 else None
-    anchors = unwrap(model).anchors
-    warmup = int(cfg.get("warmup_steps", 50))
+    scaler = grad_scaler(w.device, w.precision)
+    sink = WandbSink(cfg) if w.rank == 0 else None
     dtypes = {"image": torch.float32, "targets": torch.float32, "orig_size": torch.int64}
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-    board, posted = (cfg.get("progress_board") if rank == 0 else None), 0.0  # the driver's bar (components.progress)
-    steps_per_epoch = max(1, int(cfg.get("train_rows", 0)) // world // int(cfg["batch_size"]))
+    post = BoardPoster(cfg, w.rank)  # the driver's bar (components.progress)
+    steps_per_epoch = max(1, int(cfg.get("train_rows", 0)) // w.world // int(cfg["batch_size"]))
     for epoch in range(start_epoch, epochs):
-        model.train()
-        t0, seen, loss_sum, parts_sum = time.perf_counter(), 0, 0.0, np.zeros(3)
-        for batch in train_shard.iter_torch_batches(batch_size=int(cfg["batch_size"]), dtypes=dtypes,
-                                                    local_shuffle_buffer_size=int(cfg.get("shuffle_buffer", 0)) or None,
-                                                    prefetch_batches=2):
-            for g in optimizer.param_groups:
-                g["lr"] = lr * _lr_factor(step, epoch, epochs, warmup)
-            x = batch["image"].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(device, precision):
-                outs = model(x)
-            loss, parts = loss_fn([o.float() for o in outs], targets_list(batch["targets"].to(device)), anchors,
-                                  tuple(x.shape[-2:]))
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 10.0)
-            scaler.step(optimizer) if scaler is not None else optimizer.step()
-            if scaler is not None:
-                scaler.update()
-            step += 1
-            if board is not None and time.perf_counter() - posted >= 0.5:
-                posted = time.perf_counter()
-                post(board, min(1.0, step / (epochs * steps_per_epoch)), f"epoch {epoch + 1}/{epochs}")
-            seen += len(x)
-            loss_sum += float(loss.detach()) * len(x)
-            parts_sum += np.array([parts["box"], parts["obj"], parts["cls"]]) * len(x)
-        seconds = time.perf_counter() - t0
-        metric, _ = evaluate_batches(model, val_shard.iter_torch_batches(batch_size=32, dtypes=dtypes), device,
-                                     precision=precision)
+        batches = train_shard.iter_torch_batches(batch_size=int(cfg["batch_size"]), dtypes=dtypes,
+                                                 local_shuffle_buffer_size=int(cfg.get("shuffle_buffer", 0)) or None,
+                                                 prefetch_batches=2)
+        tr = _train_epoch(model, batches, optimizer, loss_fn, scaler, w, lr=lr, epoch=epoch, epochs=epochs,
+                          warmup=int(cfg.get("warmup_steps", 50)), step=step,
+                          tick=lambda s: post(lambda: min(1.0, s / (epochs * steps_per_epoch)),
+                                              lambda: f"epoch {epoch + 1}/{epochs}"))
+        step, seen = tr["step"], tr["seen"]
+        metric, _ = evaluate_batches(model, val_shard.iter_torch_batches(batch_size=32, dtypes=dtypes), w.device,
+                                     precision=w.precision)
         val = map_summary(compute_quietly(metric))  # torchmetrics gathers every worker's state
         record = {"epoch": epoch + 1, "start_epoch": start_epoch, "lr": optimizer.param_groups[0]["lr"],
-                  "train_loss": loss_sum / max(seen, 1),
-                  **{f"train_{k}_loss": float(v) / max(seen, 1) for k, v in zip(("box", "obj", "cls"), parts_sum)},
+                  "train_loss": tr["loss_sum"] / max(seen, 1),
+                  **{f"train_{k}_loss": float(v) / max(seen, 1)
+                     for k, v in zip(("box", "obj", "cls"), tr["parts_sum"])},
                   "val_map_50": val["map_50"], "val_map_50_95": val["map_50_95"],
-                  "images_per_second": seen * world / max(seconds, 1e-9), "precision": precision}
+                  "images_per_second": seen * w.world / max(tr["seconds"], 1e-9), "precision": w.precision}
         history.append(record)
-        if rank == 0:
-            progress(f"[train] epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.3f} (box "
-                     f"{record['train_box_loss']:.3f} obj {record['train_obj_loss']:.3f} cls "
-                     f"{record['train_cls_loss']:.3f})  val mAP@0.5 {val['map_50']:.3f}  mAP@0.5:0.95 "
-                     f"{val['map_50_95']:.3f}  {record['images_per_second']:.1f} img/s  lr {record['lr']:.2e}")
+        if w.rank == 0:
+            progress(_epoch_line(record, epochs))
             sink.log(record, step=epoch + 1)
-        report_epoch(record, model, cfg, rank, epoch, lambda: {
+        report_epoch(record, model, cfg, w.rank, epoch, lambda: {
             "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": json.dumps(history)})
     if sink is not None:
         sink.finish()

@@ -1,32 +1,30 @@
-"""The per-worker training loop run by Ray Train (and the single-epoch helpers prune re-uses)."""
+"""The per-worker training loop run by Ray Train (and the single-epoch helpers prune re-uses).
+
+The worker plumbing the detector and GAN loops share with this one (rank and device, progress
+lines, checkpoints, all-reduce, wandb) is in :mod:`components.train.worker`; its names stay
+importable from here.
+"""
 from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from components.evaluate.metrics import summary_from_confusion
-from components.models.checkpoint import save_model, unwrap
+from components.models.checkpoint import unwrap
 from components.models.registry import create_model
 from components.models.transfer import backbone_parameters, head_parameters, load_pretrained
-from components.progress import post
-from components.train.precision import autocast, describe, grad_scaler, resolve_precision
+from components.train.precision import autocast, grad_scaler
+from components.train.worker import (MODEL_FILE, STATE_FILE, BoardPoster, WandbSink, Worker, all_reduce, model_meta,
+                                     progress, report_epoch, restore_checkpoint, start_worker, weights_spread)
 
-MODEL_FILE = "model.pt"
-STATE_FILE = "train_state.pt"
-
-
-def model_meta(cfg: dict) -> dict:
-    return {k: cfg[k] for k in ("model_name", "num_classes", "in_chans", "image_size", "class_names")} | {
-        "model_kwargs": cfg.get("model_kwargs", {})}
-
+__all__ = ["MODEL_FILE", "SCHEDULES", "SELECT_BY", "STATE_FILE", "WandbSink", "all_reduce", "batch_mixer", "confusion",
+           "lr_factor", "model_meta", "progress", "report_epoch", "restore_checkpoint", "train_loop_per_worker",
+           "train_one_epoch"]
 
 SCHEDULES = ("cosine", "linear", "onecycle")
 SELECT_BY = ("last", "val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_loss")
@@ -124,14 +122,6 @@ def confusion(model: nn.Module, batches, num_classes: int, device: torch.device,
     return cm.numpy(), loss_sum, n
 
 
-def _all_reduce(values: list[float] | np.ndarray, device: torch.device, op: str = "sum") -> np.ndarray:
-    t = torch.as_tensor(np.asarray(values, dtype=np.float64), device=device)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t, op={"sum": torch.distributed.ReduceOp.SUM, "min": torch.distributed.ReduceOp.MIN,
-                                            "max": torch.distributed.ReduceOp.MAX}[op])
-    return t.cpu().numpy()
-
-
 def batch_mixer(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, prob: float = 1.0, seed: int = 0):
     """``mix(x, y) -> (x, soft targets)`` with torchvision's MixUp / CutMix (one of the two at random
     when both alphas are set), applied to a batch with probability ``prob``; None when both are off."""
@@ -152,66 +142,6 @@ def batch_mixer(num_classes: int, mixup: float = 0.0, cutmix: float = 0.0, prob:
     return mix
 
 
-class _WandbSink:
-    """Per-epoch metrics to wandb from rank 0; offline unless the user configured a key. ``WANDB_MODE``
-    in the environment wins over params.yaml's ``wandb.mode``."""
-
-    def __init__(self, cfg: dict):
-        self.run = None
-        wb = cfg.get("wandb") or {}
-        mode = os.environ.get("WANDB_MODE") or wb.get("mode", "offline")
-        if mode == "disabled":
-            return
-        import wandb
-
-        os.environ.setdefault("WANDB_SILENT", "true")
-        Path(wb.get("dir", "wandb")).mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=wb.get("project", "resops"), mode=mode,
-                              dir=wb.get("dir"), id=cfg["run_name"], resume="allow", name=cfg["run_name"],
-                              config={k: v for k, v in cfg.items() if k not in ("wandb", "class_weights", "progress_board")},
-                              settings=wandb.Settings(console="off", x_disable_stats=True))
-
-    def log(self, metrics: dict, step: int) -> None:
-        if self.run is not None:
-            self.run.log(metrics, step=step)
-
-    def finish(self) -> None:
-        if self.run is not None:
-            self.run.finish()
-
-
-def progress(line: str) -> None:
-    """One line to the worker's stdout, which Ray forwards to the driver once.
-
-    Ray Train V2 patches ``print`` into its own logger, which reaches the console several
-    times over; writing to the file descriptor keeps one readable line per epoch.
-    """
-    os.write(1, (line + "\n").encode())
-
-
-def restore_checkpoint(checkpoint, model: nn.Module) -> dict:
-    """Load a Ray Train checkpoint's weights into ``model``; return its training state
-    (optimizer, epoch, history, and what else the loop saved)."""
-    with checkpoint.as_directory() as d:
-        model.load_state_dict(torch.load(Path(d) / MODEL_FILE, map_location="cpu", weights_only=True)["state_dict"])
-        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
-
-
-def report_epoch(record: dict, model: nn.Module, cfg: dict, rank: int, epoch: int, state) -> None:
-    """``ray.train.report`` one epoch's metrics; rank 0 attaches the checkpoint ``epoch_NNNN``: the
-    model file and ``state()`` (the training state, built only on rank 0)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            save_model(Path(tmp) / MODEL_FILE, model, model_meta(cfg))
-            torch.save(state(), Path(tmp) / STATE_FILE)
-            ray.train.report(record, checkpoint=ray.train.Checkpoint.from_directory(tmp),
-                             checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        else:
-            ray.train.report(record, checkpoint=None)
-
-
 def _ema_model(model: nn.Module, decay: float | None):
     """torch's weight EMA (parameters and BatchNorm buffers) of ``model``, or None."""
     if not decay:
@@ -229,6 +159,168 @@ def _val_batches(val, shard, batch_size: int = 128):
     return ({"image": x[i:i + batch_size], "label": y[i:i + batch_size]} for i in range(0, len(y), batch_size))
 
 
+
+
+class _Schedule:
+    """The run's progress and the learning rate it sets before every step.
+
+    Progress is the steps done of ``epochs`` x ``steps_per_epoch`` or, with ``budget_minutes``, the
+    training time spent of the budget, whichever is further (training time counts the training
+    steps with their data, not validation or checkpointing); the rate follows ``schedule``.
+    ``after_step`` updates the weight EMA and posts to the driver's progress bar.
+    """
+
+    def __init__(self, cfg: dict, w: Worker, optimizer, base_lrs: list[float], steps_per_epoch: int, ema,
+                 model: nn.Module, history: list[dict], step: int = 0, seconds_done: float = 0.0):
+        self.epochs, self.w, self.optimizer, self.base_lrs = int(cfg["epochs"]), w, optimizer, base_lrs
+        self.total_steps = max(1, self.epochs * steps_per_epoch)
+        self.budget = float(cfg["budget_minutes"]) * 60 if cfg.get("budget_minutes") else None
+        self.schedule, self.warmup = cfg.get("schedule", "cosine"), float(cfg.get("warmup", 0.0))
+        self.ema, self.model, self.history = ema, model, history
+        self.step, self.seconds_done, self.epoch = step, seconds_done, 0
+        self.epoch_start = None  # set while an epoch runs: its time counts towards the budget
+        self.post = BoardPoster(cfg, w.rank)
+
+    def progress(self) -> float:
+        done = self.step / self.total_steps
+        if self.budget:
+            running = time.perf_counter() - self.epoch_start if self.epoch_start is not None else 0.0
+            done = max(done, (self.seconds_done + running) / self.budget)
+        return done
+
+    def spent(self) -> bool:
+        """Whether the run's steps or budget are used up."""
+        return self.progress() >= 1.0 - 1e-9
+
+    def before_step(self) -> bool:
+        prog = self.progress()
+        if self.budget and self.w.world > 1:  # every rank stops at the same step
+            prog = float(all_reduce([prog], self.w.device, "max")[0])
+        if prog >= 1.0:
+            return False
+        factor = lr_factor(prog, self.schedule, self.warmup)
+        for g, base in zip(self.optimizer.param_groups, self.base_lrs):
+            g["lr"] = base * factor
+        self.step += 1
+        return True
+
+    def after_step(self) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(unwrap(self.model))
+        self.post(self.progress, lambda: f"epoch {self.epoch + 1}/{self.epochs}" + (
+            f", val_f1 {self.history[-1]['val_macro_f1']:.3f}" if self.history else ""))
+
+
+class _EpochData:
+    """The worker's training batches of an epoch and its validation batches: from memory
+    (``data_cache: memory``: read once, decoded at the training size, augmented here every epoch)
+    or streamed from the Ray Data shards."""
+
+    def __init__(self, cfg: dict, w: Worker):
+        import ray.train
+
+        from components.augment.operator import AugmentOperator
+        from components.train.memory import MemorySplit
+
+        self.cfg, self.w, self.batch_size = cfg, w, int(cfg["batch_size"])
+        self.seed, self.memory = int(cfg["seed"]), cfg.get("data_cache", "stream") == "memory"
+        if not self.memory:
+            self.train_shard, self.val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+            self.train_mem = self.val_mem = None
+            self.steps_per_epoch = max(1, math.ceil(int(cfg.get("train_rows", 0)) / w.world / self.batch_size))
+            return
+        t_load = time.perf_counter()
+        common = dict(rank=w.rank, world=w.world, image_size=cfg["image_size"], in_chans=cfg["in_chans"],
+                      max_pixels=int(cfg.get("max_pixels", 50_000_000)), threads=int(cfg["threads_per_worker"]))
+        self.train_mem = MemorySplit.from_files(cfg["train_files"], None, **common)
+        self.val_mem = MemorySplit.from_files(cfg["val_files"], "val", **common).tensors()
+        self.train_shard = self.val_shard = None
+        self.steps_per_epoch = int(all_reduce([math.ceil(len(self.train_mem) / self.batch_size)], w.device, "min")[0])
+        self.operator = AugmentOperator(cfg.get("online_policy"), "tensor", cfg["image_size"], cfg["in_chans"],
+                                        seed=self.seed * 7919 + w.rank)
+        if w.rank == 0:
+            progress(f"[train] {len(self.train_mem)} training and {len(self.val_mem[1])} validation images in memory "
+                     f"at {cfg['image_size']} px ({time.perf_counter() - t_load:.1f} s); precision {w.precision}")
+
+    def train_batches(self, epoch: int):
+        if self.memory:
+            from components.train.memory import epoch_order
+
+            order = epoch_order(len(self.train_mem), self.steps_per_epoch, self.batch_size,
+                                self.seed * 100_003 + epoch * 101 + self.w.rank)
+            return self.train_mem.batches(order, self.batch_size, self.operator)
+        shuffle = int(self.cfg.get("shuffle_buffer", 0)) or None
+        return self.train_shard.iter_torch_batches(batch_size=self.batch_size,
+                                                   dtypes={"image": torch.float32, "label": torch.int64},
+                                                   local_shuffle_buffer_size=shuffle, drop_last=False,
+                                                   prefetch_batches=2)
+
+    def val_batches(self):
+        return _val_batches(self.val_mem, self.val_shard)
+
+
+def _classifier(cfg: dict, w: Worker, checkpoint):
+    """The worker's model (pretrained weights loaded unless it resumes) and its AdamW with two groups.
+
+    Fine-tuning: the backbone may learn at a fraction of the head's rate (``backbone_lr_scale``), or
+    not at all for the first ``freeze_backbone_epochs`` epochs (linear probing before full
+    fine-tuning). Returns (model, optimizer, the groups' base learning rates, backbone parameters).
+    """
+    model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg.get("model_kwargs", {}))
+    if cfg.get("pretrained") and not checkpoint:  # a resumed run has its own weights
+        report = load_pretrained(model, cfg["pretrained"], in_chans=cfg["in_chans"])
+        if w.rank == 0:
+            progress("[train] " + report.summary().replace("\n", "\n[train] "))
+    model = model.to(memory_format=torch.channels_last)
+    backbone, head = backbone_parameters(model), head_parameters(model)
+    lr, scale = float(cfg["lr"]), float(cfg.get("backbone_lr_scale", 1.0))
+    optimizer = torch.optim.AdamW([{"params": backbone, "lr": lr * scale}, {"params": head, "lr": lr}],
+                                  lr=lr, weight_decay=float(cfg["weight_decay"]))
+    return model, optimizer, [g["lr"] for g in optimizer.param_groups], backbone
+
+
+def _resume(cfg: dict, w: Worker, checkpoint, model: nn.Module, optimizer) -> tuple[dict | None, object]:
+    """Restore the checkpoint a (re)started worker finds (model, optimizer; the raw weights under
+    the EMA's) and build the weight EMA; returns (the training state or None, the EMA or None)."""
+    state = None
+    if checkpoint:
+        state = restore_checkpoint(checkpoint, model)
+        optimizer.load_state_dict(state["optimizer"])
+        if w.rank == 0:
+            progress(f"[train] resuming from the checkpoint of epoch {int(state['epoch']) + 1} of {int(cfg['epochs'])}")
+    ema = _ema_model(model, cfg.get("ema_decay"))
+    if ema is not None and state is not None:  # the checkpoint's model file holds the EMA weights
+        ema.module.load_state_dict(unwrap(model).state_dict())
+        ema.n_averaged.fill_(int(state["ema_n_averaged"]))
+        model.load_state_dict(state["raw_state_dict"])
+    return state, ema
+
+
+def _epoch_record(tr: dict, cm: np.ndarray, vloss: float, vn: int, k: int, w: Worker, **fields) -> dict:
+    """One epoch's metrics, summed over the ranks: training loss and accuracy, validation loss,
+    accuracy, balanced accuracy and macro F1, images per second; ``fields`` first."""
+    tot = all_reduce([tr["samples"], tr["loss_sum"], tr["correct"], vloss, vn, *cm.ravel()], w.device)
+    samples = max(1.0, tot[0])
+    val = summary_from_confusion(tot[5:].reshape(k, k))
+    record = {
+        **fields, "precision": w.precision,
+        "train_loss": tot[1] / samples, "train_accuracy": tot[2] / samples,
+        "val_loss": tot[3] / max(1.0, tot[4]), "val_accuracy": val["accuracy"],
+        "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_f1": val["macro_f1"],
+        "images_per_second": tot[0] / max(tr["seconds"], 1e-9) if w.world == 1 else
+        float(all_reduce([tr["samples"] / max(tr["seconds"], 1e-9)], w.device)[0]),
+    }
+    return {key: (float(v) if isinstance(v, (np.floating, float)) else v) for key, v in record.items()}
+
+
+def _epoch_line(record: dict, epochs: int, budget: float | None) -> str:
+    return (f"[train] epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.3f}  "
+            f"acc {record['train_accuracy']:.3f}  val_loss {record['val_loss']:.3f}  "
+            f"val_acc {record['val_accuracy']:.3f}  val_bal_acc {record['val_balanced_accuracy']:.3f}  "
+            f"val_f1 {record['val_macro_f1']:.3f}  {record['images_per_second']:.1f} img/s  lr {record['lr']:.2e}"
+            + (f"  {record['train_seconds'] / 60:.1f}/{budget / 60:.1f} min" if budget else ""))
+
+
 def train_loop_per_worker(cfg: dict) -> None:
     """Ray Train worker entry point: DDP ResNet training with a checkpoint every epoch.
 
@@ -243,158 +335,57 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from components.augment.operator import AugmentOperator
-    from components.train.memory import MemorySplit, epoch_order
-
-    torch.set_num_threads(int(cfg["threads_per_worker"]))
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    precision = resolve_precision(cfg.get("precision", "fp32"), device)
+    w = start_worker(cfg)
     seed = int(cfg["seed"])
-    torch.manual_seed(seed + rank)
-
-    model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg.get("model_kwargs", {}))
+    torch.manual_seed(seed + w.rank)
     checkpoint = ray.train.get_checkpoint()
-    if cfg.get("pretrained") and not checkpoint:  # a resumed run has its own weights
-        report = load_pretrained(model, cfg["pretrained"], in_chans=cfg["in_chans"])
-        if rank == 0:
-            progress("[train] " + report.summary().replace("\n", "\n[train] "))
-    model = model.to(memory_format=torch.channels_last)
-    epochs, batch_size = int(cfg["epochs"]), int(cfg["batch_size"])
-    # Fine-tuning: the backbone may learn at a fraction of the head's rate, or not at all for the
-    # first `freeze_backbone_epochs` epochs (linear probing before full fine-tuning).
-    backbone, head = backbone_parameters(model), head_parameters(model)
-    lr, scale = float(cfg["lr"]), float(cfg.get("backbone_lr_scale", 1.0))
-    freeze_epochs = int(cfg.get("freeze_backbone_epochs", 0))
-    optimizer = torch.optim.AdamW([{"params": backbone, "lr": lr * scale}, {"params": head, "lr": lr}],
-                                  lr=lr, weight_decay=float(cfg["weight_decay"]))
-    base_lrs = [g["lr"] for g in optimizer.param_groups]
-    start_epoch, step, seconds_done, history, state = 0, 0, 0.0, [], None
-    if checkpoint:
-        state = restore_checkpoint(checkpoint, model)
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, history = int(state["epoch"]) + 1, json.loads(state["history"])
-        step, seconds_done = int(state["step"]), float(state["train_seconds"])
-        if rank == 0:
-            progress(f"[train] resuming from the checkpoint of epoch {start_epoch} of {epochs}")
-    ema = _ema_model(model, cfg.get("ema_decay"))
-    if ema is not None and state is not None:  # the checkpoint's model file holds the EMA weights
-        ema.module.load_state_dict(unwrap(model).state_dict())
-        ema.n_averaged.fill_(int(state["ema_n_averaged"]))
-        model.load_state_dict(state["raw_state_dict"])
+    model, optimizer, base_lrs, backbone = _classifier(cfg, w, checkpoint)
+    state, ema = _resume(cfg, w, checkpoint, model, optimizer)
     model = ray.train.torch.prepare_model(model)
     exported = (lambda: ema.module) if ema is not None else (lambda: model)
     weights = cfg.get("class_weights")
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(weights, dtype=torch.float32, device=device) if weights else None,
-                                  label_smoothing=float(cfg["label_smoothing"]))
-    scaler = grad_scaler(device, precision)
+    loss_fn = nn.CrossEntropyLoss(
+        weight=torch.tensor(weights, dtype=torch.float32, device=w.device) if weights else None,
+        label_smoothing=float(cfg["label_smoothing"]))
+    scaler = grad_scaler(w.device, w.precision)
     mix_cfg = cfg.get("mix") or {}
     mix = batch_mixer(cfg["num_classes"], float(mix_cfg.get("mixup", 0)), float(mix_cfg.get("cutmix", 0)),
-                      float(mix_cfg.get("prob", 1.0)), seed=seed * 1000 + rank)
-    sink = _WandbSink(cfg) if rank == 0 else None
-
-    memory = cfg.get("data_cache", "stream") == "memory"
-    if memory:  # read once, decoded at the training size; augmented here every epoch
-        t_load = time.perf_counter()
-        common = dict(rank=rank, world=world, image_size=cfg["image_size"], in_chans=cfg["in_chans"],
-                      max_pixels=int(cfg.get("max_pixels", 50_000_000)), threads=int(cfg["threads_per_worker"]))
-        train_mem = MemorySplit.from_files(cfg["train_files"], None, **common)
-        val_mem = MemorySplit.from_files(cfg["val_files"], "val", **common).tensors()
-        train_shard = val_shard = None
-        steps_per_epoch = int(_all_reduce([math.ceil(len(train_mem) / batch_size)], device, "min")[0])
-        operator = AugmentOperator(cfg.get("online_policy"), "tensor", cfg["image_size"], cfg["in_chans"],
-                                   seed=seed * 7919 + rank)
-        if rank == 0:
-            progress(f"[train] {len(train_mem)} training and {len(val_mem[1])} validation images in memory at "
-                     f"{cfg['image_size']} px ({time.perf_counter() - t_load:.1f} s); precision {precision}")
-    else:
-        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-        train_mem = val_mem = None
-        steps_per_epoch = max(1, math.ceil(int(cfg.get("train_rows", 0)) / world / batch_size))
-    total_steps = max(1, epochs * steps_per_epoch)
-    budget = float(cfg["budget_minutes"]) * 60 if cfg.get("budget_minutes") else None
-    schedule, warmup = cfg.get("schedule", "cosine"), float(cfg.get("warmup", 0.0))
-    k = cfg["num_classes"]
-    clock = {"epoch_start": None, "posted": 0.0}  # epoch_start: set while an epoch runs (its time counts
-    # towards the budget); posted: when the driver's progress bar was last told (components.progress)
-    board = cfg.get("progress_board") if rank == 0 else None
-
-    def after_step() -> None:
-        if ema is not None:
-            ema.update_parameters(unwrap(model))
-        if board is not None and time.perf_counter() - clock["posted"] >= 0.5:
-            clock["posted"] = time.perf_counter()
-            post(board, run_progress(), f"epoch {epoch + 1}/{epochs}" + (f", val_f1 {history[-1]['val_macro_f1']:.3f}"
-                                                                            if history else ""))
-
-    def run_progress() -> float:
-        done = step / total_steps
-        if budget:
-            running = time.perf_counter() - clock["epoch_start"] if clock["epoch_start"] is not None else 0.0
-            done = max(done, (seconds_done + running) / budget)
-        return done
-
-    def before_step() -> bool:
-        nonlocal step
-        prog = run_progress()
-        if budget and world > 1:  # every rank stops at the same step
-            prog = float(_all_reduce([prog], device, "max")[0])
-        if prog >= 1.0:
-            return False
-        factor = lr_factor(prog, schedule, warmup)
-        for g, base in zip(optimizer.param_groups, base_lrs):
-            g["lr"] = base * factor
-        step += 1
-        return True
-
+                      float(mix_cfg.get("prob", 1.0)), seed=seed * 1000 + w.rank)
+    sink = WandbSink(cfg) if w.rank == 0 else None
+    data = _EpochData(cfg, w)
+    start_epoch = int(state["epoch"]) + 1 if state else 0
+    history = json.loads(state["history"]) if state else []
+    run = _Schedule(cfg, w, optimizer, base_lrs, data.steps_per_epoch, ema, model, history,
+                    int(state["step"]) if state else 0, float(state["train_seconds"]) if state else 0.0)
+    epochs, freeze_epochs = run.epochs, int(cfg.get("freeze_backbone_epochs", 0))
     epoch = start_epoch
     # A resumed run goes on while its schedule has room: more epochs or a larger budget than the run
     # that wrote the checkpoint continue it; a spent budget or the last epoch ends it.
-    finished = run_progress() >= 1.0 - 1e-9
+    finished = run.spent()
     while epoch < epochs and not finished:
-        if memory:
-            order = epoch_order(len(train_mem), steps_per_epoch, batch_size, seed * 100_003 + epoch * 101 + rank)
-            batches = train_mem.batches(order, batch_size, operator)
-        else:
-            batches = train_shard.iter_torch_batches(batch_size=batch_size, dtypes={"image": torch.float32,
-                                                                                    "label": torch.int64},
-                                                     local_shuffle_buffer_size=int(cfg.get("shuffle_buffer", 0)) or None,
-                                                     drop_last=False, prefetch_batches=2)
-        clock["epoch_start"] = time.perf_counter()
-        tr = train_one_epoch(model, batches, optimizer, loss_fn, device, scaler, precision=precision,
-                             frozen=backbone if epoch < freeze_epochs else None, before_step=before_step,
-                             after_step=after_step, mix=mix)
-        seconds_done += tr["seconds"]
-        clock["epoch_start"] = None
-        finished = run_progress() >= 1.0 - 1e-9 or epoch + 1 >= epochs
-        if budget and world > 1:
-            finished = bool(_all_reduce([float(finished)], device, "max")[0])
+        run.epoch = epoch
+        batches = data.train_batches(epoch)
+        run.epoch_start = time.perf_counter()
+        tr = train_one_epoch(model, batches, optimizer, loss_fn, w.device, scaler, precision=w.precision,
+                             frozen=backbone if epoch < freeze_epochs else None, before_step=run.before_step,
+                             after_step=run.after_step, mix=mix)
+        run.seconds_done += tr["seconds"]
+        run.epoch_start = None
+        finished = run.spent() or epoch + 1 >= epochs
+        if run.budget and w.world > 1:
+            finished = bool(all_reduce([float(finished)], w.device, "max")[0])
         lr_now = optimizer.param_groups[-1]["lr"]  # the head's
-        cm, vloss, vn = confusion(exported(), _val_batches(val_mem, val_shard), k, device, precision)
-        tot = _all_reduce([tr["samples"], tr["loss_sum"], tr["correct"], vloss, vn, *cm.ravel()], device)
-        samples = max(1.0, tot[0])
-        val = summary_from_confusion(tot[5:].reshape(k, k))
-        record = {
-            "epoch": epoch + 1, "start_epoch": start_epoch, "lr": lr_now, "step": step,
-            "train_seconds": seconds_done, "precision": precision,
-            "train_loss": tot[1] / samples, "train_accuracy": tot[2] / samples,
-            "val_loss": tot[3] / max(1.0, tot[4]), "val_accuracy": val["accuracy"],
-            "val_balanced_accuracy": val["balanced_accuracy"], "val_macro_f1": val["macro_f1"],
-            "images_per_second": tot[0] / max(tr["seconds"], 1e-9) if world == 1 else
-            float(_all_reduce([tr["samples"] / max(tr["seconds"], 1e-9)], device)[0]),
-        }
-        record = {key: (float(v) if isinstance(v, (np.floating, float)) else v) for key, v in record.items()}
+        cm, vloss, vn = confusion(exported(), data.val_batches(), cfg["num_classes"], w.device, w.precision)
+        record = _epoch_record(tr, cm, vloss, vn, cfg["num_classes"], w, epoch=epoch + 1, start_epoch=start_epoch,
+                               lr=lr_now, step=run.step, train_seconds=run.seconds_done)
+        if w.world > 1:  # DDP: the ranks' weights must agree after every epoch
+            record["weights_spread_across_workers"] = weights_spread(unwrap(model), w.device)
         history.append(record)
-        if rank == 0:
-            progress(f"[train] epoch {epoch + 1}/{epochs}  loss {record['train_loss']:.3f}  "
-                     f"acc {record['train_accuracy']:.3f}  val_loss {record['val_loss']:.3f}  "
-                     f"val_acc {record['val_accuracy']:.3f}  val_bal_acc {record['val_balanced_accuracy']:.3f}  "
-                     f"val_f1 {record['val_macro_f1']:.3f}  {record['images_per_second']:.1f} img/s  lr {lr_now:.2e}"
-                     + (f"  {seconds_done / 60:.1f}/{budget / 60:.1f} min" if budget else ""))
+        if w.rank == 0:
+            progress(_epoch_line(record, epochs, run.budget))
             sink.log(record, step=epoch + 1)
-        report_epoch(record, exported(), cfg, rank, epoch, lambda: {
-            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "train_seconds": seconds_done,
+        report_epoch(record, exported(), cfg, w.rank, epoch, lambda: {
+            "optimizer": optimizer.state_dict(), "epoch": epoch, "step": run.step, "train_seconds": run.seconds_done,
             "history": json.dumps(history), "finished": finished,
             **({"raw_state_dict": unwrap(model).state_dict(), "ema_n_averaged": int(ema.n_averaged)}
                if ema is not None else {})})

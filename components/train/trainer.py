@@ -1,7 +1,6 @@
 """Driver side of training: Ray Data inputs, the TorchTrainer, and exporting the result."""
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from dataclasses import dataclass
@@ -15,7 +14,9 @@ from components.data.images import DEFAULT_MAX_PIXELS
 from components.data.shards import shard_files
 from components.models.registry import model_task
 from components.progress import RemoteBar
-from components.train.loop import MODEL_FILE, STATE_FILE, train_loop_per_worker
+from components.train.loop import SELECT_BY, train_loop_per_worker
+from components.train.naming import run_name
+from components.train.worker import MODEL_FILE, STATE_FILE
 
 _OPERATORS: dict[tuple, AugmentOperator] = {}
 
@@ -43,28 +44,6 @@ def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | No
     return ds.map_batches(augment_batch, batch_format="numpy", batch_size=batch_size, num_cpus=cpus_per_task,
                           fn_kwargs=dict(policy=policy, output="tensor", image_size=image_size, in_chans=in_chans,
                                          seed=seed, max_pixels=max_pixels))
-
-
-# The code a trained model depends on: a change here is a new run, never a resumed old one.
-_TRAINING_CODE = ("train", "models", "augment")
-
-
-def training_code_digest() -> str:
-    """sha256 over the source files of the components training runs (train, models, augment)."""
-    root = Path(__file__).resolve().parents[1]
-    digest = hashlib.sha256()
-    for package in _TRAINING_CODE:
-        for path in sorted((root / package).rglob("*.py")):
-            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
-
-
-def run_name(cfg: dict, data_digest: str) -> str:
-    """Stable name of a training run: same config, data and training code -> same name -> a re-run
-    resumes it (after a crash: from its last checkpoint; when finished: returns its result)."""
-    blob = json.dumps({k: v for k, v in sorted(cfg.items()) if k not in ("wandb", "threads_per_worker")},
-                      sort_keys=True, default=str) + data_digest + training_code_digest()
-    return f"train-{cfg['model_name']}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def count_rows(shards_dir: str | Path) -> int:
@@ -96,8 +75,6 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
     exports the best epoch by it. Ray Train keeps the ``keep_checkpoints`` best checkpoints by that
     metric (``checkpoint_score_attribute``) and always the latest one, from which a run resumes.
     """
-    from components.train.loop import SELECT_BY
-
     if select_by not in SELECT_BY:
         raise ValueError(f"train.select_by must be one of {SELECT_BY}, got {select_by!r}")
     import ray.train
