@@ -170,6 +170,12 @@ def test_quality_scores_real_better_than_noise():
     assert good["fd"] < 0.5 * bad["fd"]
     assert min(good["class_accuracy"].values()) >= 0.7   # a spot looks like a spot
     assert good["real_holdout_accuracy"] >= 0.7
+    assert set(good["class_evidence"].values()) == {"recognised"}, good["class_evidence"]
+    # Noise: the checker recognises the real images of each class, so a class it does not find among
+    # the generated ones is the generator's failure (noise cannot look like both classes at once).
+    assert "not recognised" in bad["class_evidence"].values(), (bad["class_evidence"], bad["class_accuracy"])
+    with pytest.raises(GeneratorRejected, match="on held-out real images"):
+        check_quality(bad, min_relative_class_accuracy=0.5)  # params.yaml's default
     threshold = (good["fd"] + bad["fd"]) / 2
     assert check_quality(good, max_fd=threshold, min_class_accuracy=0.7) is good
     assert check_quality(good, max_fd_ratio=10.0, min_relative_class_accuracy=0.7) is good
@@ -177,6 +183,23 @@ def test_quality_scores_real_better_than_noise():
         check_quality(bad, max_fd=threshold)
     with pytest.raises(GeneratorRejected, match="real held-out baseline"):
         check_quality(bad, max_fd_ratio=10.0)
+
+
+def test_a_class_the_checker_cannot_see_is_not_measurable_rather_than_a_generator_failure():
+    # class 1: the checker recognises none of its real held-out images (ELPV's rare classes, seen here),
+    # so 0 % on generated ones says nothing; class 2: real ones recognised, generated ones not.
+    report = {"fd": 1.0, "fd_real_holdout": 1.0, "class_accuracy": {"0": 0.9, "1": 0.0, "2": 0.1},
+              "real_holdout_class_accuracy": {"0": 0.95, "1": 0.0, "2": 0.8}, "generator_version": "feedc0de"}
+    from components.rebalance.quality import class_evidence
+
+    report["class_evidence"] = class_evidence(report["class_accuracy"], report["real_holdout_class_accuracy"], 3)
+    assert report["class_evidence"] == {"0": "recognised", "1": "not measurable", "2": "not recognised"}
+    with pytest.raises(GeneratorRejected) as err:
+        check_quality(report, min_relative_class_accuracy=0.5, min_class_accuracy=0.05)
+    assert "class 2" in str(err.value) and "class 1" not in str(err.value)  # only the measurable failure
+    report["class_accuracy"]["2"] = 0.7
+    report["class_evidence"] = class_evidence(report["class_accuracy"], report["real_holdout_class_accuracy"], 3)
+    assert check_quality(report, min_relative_class_accuracy=0.5, min_class_accuracy=0.05) is report
 
 
 def test_check_quality_thresholds():

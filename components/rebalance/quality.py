@@ -15,6 +15,12 @@
 3. **Per-class accuracy on generated images** - the fraction of generated class-k images the
    classifier labels k ("does class k look like class k"), next to the same number on held-out
    real images (``real_holdout_class_accuracy``), the ceiling to expect.
+4. **What the evidence says, per class** (``class_evidence``): a class whose held-out *real* images
+   the classifier recognises no better than chance (1 / classes) is ``"not measurable"``: the check
+   cannot see that class at all, so a low score on its generated images says nothing about the
+   generator. Otherwise ``"recognised"`` when the generated images score at least half the real
+   ones, else ``"not recognised"`` (the generator does not draw that class). The thresholds of
+   :func:`check_quality` apply to measurable classes only.
 
 :func:`check_quality` turns a report and thresholds into accept / :class:`GeneratorRejected`.
 """
@@ -245,11 +251,13 @@ def quality_report(real_frame: pd.DataFrame, generated_frame: pd.DataFrame, *, n
         def clean(v):
             return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else float(v)
 
+        evidence = class_evidence(acc, real_acc, k)
+
         return {
             "fd": clean(fd), "fd_per_class": {c: clean(v) for c, v in per_fd.items()},
             "fd_real_holdout": clean(fd_hold), "fd_imaginary": max(imag, imag_hold),
             "class_accuracy": acc, "accuracy": float((p_gen == y_gen).mean()) if len(y_gen) else None,
-            "real_holdout_class_accuracy": real_acc,
+            "real_holdout_class_accuracy": real_acc, "class_evidence": evidence,
             "real_holdout_accuracy": float((p_real[held] == y_all[held]).mean()) if held.any() else None,
             "counts": {"real": {str(c): int((y_all == c).sum()) for c in range(k)},
                        "generated": {str(c): int((y_gen == c).sum()) for c in range(k)}},
@@ -260,6 +268,30 @@ def quality_report(real_frame: pd.DataFrame, generated_frame: pd.DataFrame, *, n
         }
     finally:
         torch.set_num_threads(old_threads)
+
+
+def class_evidence(generated: dict, real: dict, num_classes: int) -> dict:
+    """Per class: ``"not measurable"`` (held-out real images recognised no better than chance, or none),
+    ``"recognised"`` (generated images score >= half of the real ones), ``"not recognised"``, or
+    ``"no generated images"``."""
+    chance = 1.0 / max(2, num_classes)
+    out = {}
+    for c, g in generated.items():
+        r = real.get(c)
+        if r is None or r <= chance:
+            out[c] = "not measurable"
+        elif g is None:
+            out[c] = "no generated images"
+        else:
+            out[c] = "recognised" if g >= 0.5 * r else "not recognised"
+    return out
+
+
+def _measurable(report: dict) -> set[str]:
+    evidence = report.get("class_evidence")
+    if evidence is None:  # a report written before class_evidence existed: every class counts
+        return {str(c) for c in (report.get("class_accuracy") or {})}
+    return {c for c, v in evidence.items() if v != "not measurable"}
 
 
 def check_quality(report: dict, max_fd: float | None = None,
@@ -274,6 +306,8 @@ def check_quality(report: dict, max_fd: float | None = None,
     ``max_fd_ratio``: ``fd <= max_fd_ratio * fd_real_holdout``;
     ``min_relative_class_accuracy``: per class, accuracy on generated images
     ``>= min_relative_class_accuracy *`` accuracy on held-out real images of that class.
+    The class thresholds skip classes the report calls ``"not measurable"`` (the classifier does not
+    recognise their real images either): they cannot tell a good generator from a bad one there.
     """
     failures = []
     fd = report.get("fd")
@@ -290,10 +324,11 @@ def check_quality(report: dict, max_fd: float | None = None,
             failures.append("Frechet distance or its real held-out baseline could not be computed")
         elif fd > max_fd_ratio * base:
             failures.append(f"Frechet distance {fd:.2f} > {max_fd_ratio:g} x real held-out baseline {base:.2f}")
-    acc = {str(c): v for c, v in (report.get("class_accuracy") or {}).items()}
+    measurable = _measurable(report)
+    acc = {str(c): v for c, v in (report.get("class_accuracy") or {}).items() if str(c) in measurable}
     if min_class_accuracy is not None:
         if isinstance(min_class_accuracy, Mapping):
-            floors = {str(c): float(v) for c, v in min_class_accuracy.items()}
+            floors = {str(c): float(v) for c, v in min_class_accuracy.items() if str(c) in measurable}
         else:
             floors = {c: float(min_class_accuracy) for c, v in acc.items() if v is not None}
         for c, floor in sorted(floors.items()):
@@ -318,5 +353,5 @@ def check_quality(report: dict, max_fd: float | None = None,
     return report
 
 
-__all__ = ["GeneratorRejected", "TinyCNN", "check_quality", "frechet_distance", "images_to_tensor",
+__all__ = ["GeneratorRejected", "TinyCNN", "check_quality", "class_evidence", "frechet_distance", "images_to_tensor",
            "quality_report", "train_classifier"]
