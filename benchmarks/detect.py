@@ -129,6 +129,45 @@ def evaluate(model: nn.Module, test, meta: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------- main
+def compressed_variants(full, train, meta: dict, args, work: Path, sparsities: list[float]) -> dict:
+    """The full detector and its pruned twins (unstructured sparsities, one structured ratio), fine-tuned."""
+    rows = {"full": {"model": full, "file": work / "full.pt", "how": "trained"}}
+    for sp in sparsities:
+        m = copy.deepcopy(full)
+        apply_global_magnitude(m, sp)
+        finetune_detector(m, train, image_size=args.image_size, in_chans=3, epochs=args.finetune_epochs,
+                          batch_size=args.batch_size, policy="conveyor", seed=args.seed, threads=args.threads)
+        make_permanent(m)
+        path = save_sparse(work / f"sparse{int(sp * 100)}.npz", m, meta)
+        rows[f"unstructured {sp:.0%}"] = {"model": m, "file": path, "how": f"global magnitude {sp:.0%} of the "
+                                          f"convolution weights + {args.finetune_epochs} fine-tune epochs",
+                                          "sparsity": sparsity_report(m)}
+    m = copy.deepcopy(full)
+    x = torch.rand(1, 3, args.image_size, args.image_size)
+    rep = structured_prune(m, x, ratio=args.structured_ratio)
+    finetune_detector(m, train, image_size=args.image_size, in_chans=3, epochs=args.finetune_epochs,
+                      batch_size=args.batch_size, policy="conveyor", seed=args.seed, threads=args.threads)
+    path = save_structured(work / "structured.pt", m, meta)
+    rows[f"structured -{args.structured_ratio:.0%} MACs"] = {
+        "model": m, "file": path, "how": f"channels (torch-pruning, L1) + {args.finetune_epochs} fine-tune epochs",
+        "structured": {"macs_before": rep.macs_before, "macs_after": rep.macs_after}}
+    return rows
+
+
+def print_table(results: dict, s: int) -> None:
+    table = []
+    for name, r in results.items():
+        table.append([name, f"{r['map_50']:.3f}" if "map_50" in r else "-",
+                      f"{r['map_50_95']:.3f}" if "map_50_95" in r else "-",
+                      f"{r['nonzero_params'] / 1e6:.2f} M non-zero of {r['params'] / 1e6:.2f} M" if "sparsity" in r
+                      else f"{r['params'] / 1e6:.2f} M",
+                      f"{r[f'at_{s}']['macs'] / 1e9:.2f} G", f"{r['file_bytes'] / 1e6:.1f} MB",
+                      f"{r[f'at_{s}']['ms_per_frame']:.1f}", f"{r['at_416']['ms_per_frame']:.1f}"])
+    print()
+    print(markdown_table(["model", "mAP@0.5", "mAP@0.5:0.95", "parameters", f"MACs @{s}", "file",
+                          f"ms/frame @{s}", "ms/frame @416"], table))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=400)
@@ -182,27 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
         del ray
 
         full, _ = load_model(work / "full.pt")
-        rows = {"full": {"model": full, "file": work / "full.pt", "how": "trained"}}
-        for sp in sparsities:
-            m = copy.deepcopy(full)
-            apply_global_magnitude(m, sp)
-            finetune_detector(m, train, image_size=args.image_size, in_chans=3, epochs=args.finetune_epochs,
-                              batch_size=args.batch_size, policy="conveyor", seed=args.seed, threads=args.threads)
-            make_permanent(m)
-            path = save_sparse(work / f"sparse{int(sp * 100)}.npz", m, meta)
-            rows[f"unstructured {sp:.0%}"] = {"model": m, "file": path, "how": f"global magnitude {sp:.0%} of the "
-                                              f"convolution weights + {args.finetune_epochs} fine-tune epochs",
-                                              "sparsity": sparsity_report(m)}
-        m = copy.deepcopy(full)
-        x = torch.rand(1, 3, args.image_size, args.image_size)
-        rep = structured_prune(m, x, ratio=args.structured_ratio)
-        finetune_detector(m, train, image_size=args.image_size, in_chans=3, epochs=args.finetune_epochs,
-                          batch_size=args.batch_size, policy="conveyor", seed=args.seed, threads=args.threads)
-        path = save_structured(work / "structured.pt", m, meta)
-        rows[f"structured -{args.structured_ratio:.0%} MACs"] = {
-            "model": m, "file": path, "how": f"channels (torch-pruning, L1) + {args.finetune_epochs} fine-tune epochs",
-            "structured": {"macs_before": rep.macs_before, "macs_after": rep.macs_after}}
-
+        rows = compressed_variants(full, train, meta, args, work, sparsities)
         results = {}
         for name, r in rows.items():
             say(f"measuring {name}")
@@ -226,18 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
               "environment": env, "prepared": prep, "anchors": anchors.tolist(), "anchor_fitness": fitness,
               "training": {"seconds": train_seconds, "history": res.history}, "models": results,
               "paper_reference": PAPER, "total_seconds": time.perf_counter() - t_start}
-    s = args.image_size
-    table = []
-    for name, r in results.items():
-        table.append([name, f"{r['map_50']:.3f}" if "map_50" in r else "-",
-                      f"{r['map_50_95']:.3f}" if "map_50_95" in r else "-",
-                      f"{r['nonzero_params'] / 1e6:.2f} M non-zero of {r['params'] / 1e6:.2f} M" if "sparsity" in r
-                      else f"{r['params'] / 1e6:.2f} M",
-                      f"{r[f'at_{s}']['macs'] / 1e9:.2f} G", f"{r['file_bytes'] / 1e6:.1f} MB",
-                      f"{r[f'at_{s}']['ms_per_frame']:.1f}", f"{r['at_416']['ms_per_frame']:.1f}"])
-    print()
-    print(markdown_table(["model", "mAP@0.5", "mAP@0.5:0.95", "parameters", f"MACs @{s}", "file",
-                          f"ms/frame @{s}", "ms/frame @416"], table))
+    print_table(results, args.image_size)
     common.write_json(out_path, result)
     return result
 

@@ -81,22 +81,33 @@ def main() -> None:
         finally:
             stop_ray()  # the cost measurement below runs with no Ray process of ours alive
 
-        results = {}
-        for variant in variants:
-            say(f"measuring {variant} on the CPU ({threads} torch threads)")
-            cost = model_cost(runs[variant][0]["model_path"], args.image_size, threads, args.latency_runs,
-                              args.throughput_runs)
-            agg = {k: mean_std([r["test"][k] for r in runs[variant]]) for k in ("accuracy", "balanced_accuracy",
-                                                                               "macro_f1", "mcc")}
-            agg["train_wall_seconds"] = mean_std([r["wall_seconds"] for r in runs[variant]])
-            per_seed = [{"seed": r["seed"], "train_wall_seconds": r["wall_seconds"],
-                         "train_images_per_second_last_epoch": r["train_images_per_second_last_epoch"],
-                         "test": headline(r["test"]), "test_per_class": r["test"]["per_class"],
-                         "test_confusion_matrix": r["test"]["confusion_matrix"],
-                         "test_roc_auc_ovr": r["test"]["roc_auc_ovr"], "history": r["history"]}
-                        for r in runs[variant]]
-            results[variant] = {"cost": cost, "test_mean_std": agg, "runs": per_seed}
+        results = measure(runs, variants, args, threads)
+    report(args, results, env, data, names, seeds, threads, variants)
 
+
+def measure(runs: dict, variants: list[str], args, threads: list[int]) -> dict:
+    """Each variant's CPU cost (first seed's model) and its test figures over the seeds."""
+    results = {}
+    for variant in variants:
+        say(f"measuring {variant} on the CPU ({threads} torch threads)")
+        cost = model_cost(runs[variant][0]["model_path"], args.image_size, threads, args.latency_runs,
+                          args.throughput_runs)
+        agg = {k: mean_std([r["test"][k] for r in runs[variant]]) for k in ("accuracy", "balanced_accuracy",
+                                                                           "macro_f1", "mcc")}
+        agg["train_wall_seconds"] = mean_std([r["wall_seconds"] for r in runs[variant]])
+        per_seed = [{"seed": r["seed"], "train_wall_seconds": r["wall_seconds"],
+                     "train_images_per_second_last_epoch": r["train_images_per_second_last_epoch"],
+                     "test": headline(r["test"]), "test_per_class": r["test"]["per_class"],
+                     "test_confusion_matrix": r["test"]["confusion_matrix"],
+                     "test_roc_auc_ovr": r["test"]["roc_auc_ovr"], "history": r["history"]}
+                    for r in runs[variant]]
+        results[variant] = {"cost": cost, "test_mean_std": agg, "runs": per_seed}
+    return results
+
+
+def report(args, results: dict, env: dict, data: dict, names: list[str], seeds: list[int], threads: list[int],
+           variants: list[str]) -> None:
+    """Print the table and write the JSON."""
     headers = ["variant", "params (M)", f"MMACs @{args.image_size}px",
                *[f"b1 ms {t}t" for t in threads], *[f"b32 img/s {t}t" for t in threads],
                "test acc", "bal. acc", "macro-F1", "train wall (s)", "seeds"]

@@ -209,7 +209,7 @@ def write_quiet(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o)) + "\n")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--strategies", default=DEFAULT_STRATEGIES,
                     help=f"comma-separated; each one of {STRATEGIES} or a '+' combination, optionally @RATIO "
@@ -239,6 +239,139 @@ def main() -> None:
                          "runs are trained")
     ap.add_argument("--samples-png", default=None,
                     help="GAN sample grid; default <out dir>/<out stem>_gan_samples.png")
+    return ap
+
+
+def run_settings(args: argparse.Namespace, specs: list[dict], seeds: list[int], names: list[str],
+                 smote: dict) -> dict:
+    """The settings block of the JSON (also what ``--resume`` compares)."""
+    return {
+        "dataset": "elpv", "task": "4class", "split_seed": SPLIT_SEED, "model": args.model,
+        "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size, "seeds": seeds,
+        "max_train_images": args.max_train_images, "strategies": specs,
+        "default_target_ratio": parse_target_ratio(args.target_ratio), "smote": smote,
+        "train_recipe": {k: v for k, v in train_config(args.model, names, args.image_size, args.epochs, seeds[0],
+                                                       batch_size=args.batch_size).items()
+                         if k not in ("model_name", "seed", "wandb", "class_names", "class_weights")},
+        "class_weights": "balanced for strategies with class_weight, none otherwise",
+        "augmentation": {"offline_augmented_copies": 0, "online_policy": ONLINE_POLICY,
+                         "note": "no offline copies (params.yaml augment.offline_copies is not used, so "
+                                 "rebalancing works on the real training rows only); the same online "
+                                 f"'{ONLINE_POLICY}' augmentation in training for every strategy, applied to "
+                                 "real and synthetic rows alike; none at validation/test"},
+        "seed_use": "each seed: the resampling (rows repeated/dropped, SMOTE/GAN images drawn) and the training "
+                    "(initialisation, augmentation, shuffling); the GAN itself is trained once per run",
+        "budget": "the same number of epochs for every strategy: strategies with more rows also get more "
+                  "optimiser steps (see steps_per_epoch per run)",
+        "ray_resources": RAY_RESOURCES, "ray_init": RAY_INIT,
+        "model_selection": "weights after the last epoch (no early stopping); test split used once per model",
+    }
+
+
+def resume_runs(ap: argparse.ArgumentParser, args: argparse.Namespace, result: dict, seeds: list[int],
+                uses_gan: bool, train, grid_path: Path) -> Path | None:
+    """Keep the runs (and the generator, when its file still exists) of ``--resume``; returns that generator."""
+    settings = result["settings"]
+    generator = None
+    prev = json.loads(Path(args.resume).read_text())
+    same = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples -> lists, as stored)
+    differ = [k for k in settings if k != "seeds" and same(settings[k]) != prev["settings"].get(k)]
+    if differ:
+        ap.error(f"--resume {args.resume}: settings differ ({', '.join(differ)}); results would not compare")
+    for label, r in prev["results"].items():
+        result["results"][label]["runs"] = [run for run in r["runs"] if run["seed"] in seeds]
+    if uses_gan and prev.get("gan") and Path(prev["gan"]["generator_path"]).exists():
+        from components.rebalance.gan import save_sample_grid
+
+        result["gan"] = prev["gan"]
+        generator = Path(prev["gan"]["generator_path"])
+        result["gan"]["sample_grid"] = str(save_sample_grid(generator, train, grid_path,
+                                                            seed=prev["gan"]["settings"]["seed"]))
+        say(f"reusing generator {prev['gan']['version'][:12]} of {args.resume}; samples {grid_path}")
+    kept = sum(len(r["runs"]) for r in result["results"].values())
+    result["resumed_from"] = {"file": str(args.resume), "runs_kept": kept, "environment": prev["environment"]}
+    say(f"resuming {args.resume}: {kept} run(s) kept")
+    return generator
+
+
+def train_and_test(args: argparse.Namespace, spec: dict, seed: int, train, names: list[str], prepared: Path,
+                   run_dir: Path, generator: Path | None, smote: dict) -> dict:
+    """One strategy x seed: rebalanced shards, one training run, the test split once; the run's JSON entry."""
+    label = spec["label"]
+    shards = run_dir / f"train-{label.replace('+', '_').replace('@', '_r')}-s{seed}"
+    data = rebalanced_shards(train, shards, len(names), spec, seed, generator, args.image_size, smote)
+    say(f"{label}, seed {seed}: {data['counts_before']} -> {data['counts_after']} "
+        f"({data['rows']} rows, {data['rebalance_seconds']:.1f} s), class weights "
+        f"{data['class_weights']}; training {args.model} {args.epochs} epochs at {args.image_size}px")
+    cfg = train_config(args.model, names, args.image_size, args.epochs, seed, batch_size=args.batch_size)
+    cfg["class_weights"] = data["class_weights"]
+    model_path = run_dir / f"{shards.name.removeprefix('train-')}.pt"
+    tr = train_model(cfg, shards, prepared / "shards", model_path, run_dir / "ray-storage")
+    shutil.rmtree(shards, ignore_errors=True)  # rebuilt from the seed on demand; ~0.1-0.2 GB each
+    t0 = time.perf_counter()
+    m = evaluate_model_file(tr["model_path"], prepared / "shards", "test")
+    eval_seconds = time.perf_counter() - t0
+    recalls = {n: round(m["per_class"][n]["recall"], 3) for n in names}
+    say(f"{label} seed {seed}: test accuracy {m['accuracy']:.3f}, balanced "
+        f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, MCC {m['mcc']:.3f}, "
+        f"recall {recalls}; trained in {tr['wall_seconds']:.0f} s")
+    return {
+        "seed": seed, "data": data,
+        "steps_per_epoch": -(-data["rows"] // args.batch_size),
+        "train_wall_seconds": tr["wall_seconds"],
+        "train_images_per_second_last_epoch": tr["train_images_per_second_last_epoch"],
+        "eval_seconds": eval_seconds, "model_path": tr["model_path"] if args.work else None,
+        "test": headline(m), "test_per_class": m["per_class"],
+        "test_confusion_matrix": m["confusion_matrix"], "test_roc_auc_ovr": m["roc_auc_ovr"],
+        "history": tr["history"]}
+
+
+def run_all(args: argparse.Namespace, result: dict, specs: list[dict], seeds: list[int], train, names: list[str],
+            prepared: Path, run_dir: Path, generator: Path | None, uses_gan: bool, grid_path: Path, smote: dict,
+            partial: Path) -> None:
+    """The GAN (unless resumed) and every missing seed x strategy run, each saved to ``partial`` as it ends."""
+    start_ray()
+    try:
+        if uses_gan and generator is None:
+            result["gan"] = train_generator(train, names, run_dir, grid_path, args.gan_image_size,
+                                            args.gan_epochs, args.gan_seed)
+            generator = Path(result["gan"]["generator_path"])
+            write_quiet(partial, result)
+        for seed in seeds:
+            for spec in specs:
+                label = spec["label"]
+                if any(run["seed"] == seed for run in result["results"][label]["runs"]):
+                    continue  # kept from --resume
+                result["results"][label]["runs"].append(
+                    train_and_test(args, spec, seed, train, names, prepared, run_dir, generator, smote))
+                write_quiet(partial, result)
+    finally:
+        stop_ray()
+
+
+def print_report(args: argparse.Namespace, result: dict, specs: list[dict], seeds: list[int], train,
+                 names: list[str], env: dict) -> None:
+    first = next(iter(result["results"].values()))["runs"][0]["test"]
+    support = {n: v["support"] for n, v in next(iter(result["results"].values()))["runs"][0]["test_per_class"].items()}
+    print(f"\nELPV 4-class, {args.model}, {args.epochs} epochs, {args.image_size}x{args.image_size} grayscale, batch "
+          f"{args.batch_size}, training split {len(train)} images {label_counts(train)}; test split "
+          f"{first['num_samples']} images {support} (majority rate {first['majority_rate']:.3f}); "
+          f"online '{ONLINE_POLICY}' augmentation, no offline copies; torch {env['torch']}, ray {env['ray']}, "
+          f"{env['cpus']} CPUs")
+    if result["gan"]:
+        g, q = result["gan"], result["gan"]["quality"]
+        fd = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+        print(f"GAN: {g['settings']['epochs']} epochs at {g['settings']['image_size']}px on the real training rows, "
+              f"{g['train_wall_seconds']:.0f} s wall ({g['seconds_per_epoch']:.1f} s/epoch), once per run; "
+              f"Frechet distance {fd(q['fd'])} (real held-out vs real: {fd(q['fd_real_holdout'])}); "
+              f"samples {g['sample_grid']}")
+    print("rows after: training rows per epoch (per class in class order); metrics on the test split, "
+          f"mean ± std over seeds {seeds}; total {result['total_wall_seconds'] / 60:.1f} min.\n")
+    print(table(specs, result["results"], names))
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     try:
         seeds = parse_ints(args.seeds, "--seeds")
@@ -264,27 +397,7 @@ def main() -> None:
         say(f"training split: {len(train)} images {label_counts(train)}; strategies "
             f"{[s['label'] for s in specs]}; seeds {seeds}")
 
-        settings = {
-            "dataset": "elpv", "task": "4class", "split_seed": SPLIT_SEED, "model": args.model,
-            "epochs": args.epochs, "image_size": args.image_size, "batch_size": args.batch_size, "seeds": seeds,
-            "max_train_images": args.max_train_images, "strategies": specs,
-            "default_target_ratio": parse_target_ratio(args.target_ratio), "smote": smote,
-            "train_recipe": {k: v for k, v in train_config(args.model, names, args.image_size, args.epochs, seeds[0],
-                                                           batch_size=args.batch_size).items()
-                             if k not in ("model_name", "seed", "wandb", "class_names", "class_weights")},
-            "class_weights": "balanced for strategies with class_weight, none otherwise",
-            "augmentation": {"offline_augmented_copies": 0, "online_policy": ONLINE_POLICY,
-                             "note": "no offline copies (params.yaml augment.offline_copies is not used, so "
-                                     "rebalancing works on the real training rows only); the same online "
-                                     f"'{ONLINE_POLICY}' augmentation in training for every strategy, applied to "
-                                     "real and synthetic rows alike; none at validation/test"},
-            "seed_use": "each seed: the resampling (rows repeated/dropped, SMOTE/GAN images drawn) and the training "
-                        "(initialisation, augmentation, shuffling); the GAN itself is trained once per run",
-            "budget": "the same number of epochs for every strategy: strategies with more rows also get more "
-                      "optimiser steps (see steps_per_epoch per run)",
-            "ray_resources": RAY_RESOURCES, "ray_init": RAY_INIT,
-            "model_selection": "weights after the last epoch (no early stopping); test split used once per model",
-        }
+        settings = run_settings(args, specs, seeds, names, smote)
         result = {"benchmark": "rebalance", "complete": False, "settings": settings,
                   "data": {"class_names": names, "train_counts": label_counts(train), "train_images": len(train)},
                   "environment": env, "gan": None,
@@ -292,91 +405,16 @@ def main() -> None:
 
         generator = None
         if args.resume:
-            prev = json.loads(Path(args.resume).read_text())
-            same = lambda v: json.loads(json.dumps(v, default=str))  # noqa: E731  (tuples -> lists, as stored)
-            differ = [k for k in settings if k != "seeds" and same(settings[k]) != prev["settings"].get(k)]
-            if differ:
-                ap.error(f"--resume {args.resume}: settings differ ({', '.join(differ)}); results would not compare")
-            for label, r in prev["results"].items():
-                result["results"][label]["runs"] = [run for run in r["runs"] if run["seed"] in seeds]
-            if uses_gan and prev.get("gan") and Path(prev["gan"]["generator_path"]).exists():
-                from components.rebalance.gan import save_sample_grid
-
-                result["gan"] = prev["gan"]
-                generator = Path(prev["gan"]["generator_path"])
-                result["gan"]["sample_grid"] = str(save_sample_grid(generator, train, grid_path,
-                                                                    seed=prev["gan"]["settings"]["seed"]))
-                say(f"reusing generator {prev['gan']['version'][:12]} of {args.resume}; samples {grid_path}")
-            kept = sum(len(r["runs"]) for r in result["results"].values())
-            result["resumed_from"] = {"file": str(args.resume), "runs_kept": kept, "environment": prev["environment"]}
-            say(f"resuming {args.resume}: {kept} run(s) kept")
-
-        start_ray()
-        try:
-            if uses_gan and generator is None:
-                result["gan"] = train_generator(train, names, run_dir, grid_path, args.gan_image_size,
-                                                args.gan_epochs, args.gan_seed)
-                generator = Path(result["gan"]["generator_path"])
-                write_quiet(partial, result)
-            for seed in seeds:
-                for spec in specs:
-                    label = spec["label"]
-                    if any(run["seed"] == seed for run in result["results"][label]["runs"]):
-                        continue  # kept from --resume
-                    shards = run_dir / f"train-{label.replace('+', '_').replace('@', '_r')}-s{seed}"
-                    data = rebalanced_shards(train, shards, len(names), spec, seed, generator, args.image_size,
-                                             smote)
-                    say(f"{label}, seed {seed}: {data['counts_before']} -> {data['counts_after']} "
-                        f"({data['rows']} rows, {data['rebalance_seconds']:.1f} s), class weights "
-                        f"{data['class_weights']}; training {args.model} {args.epochs} epochs at {args.image_size}px")
-                    cfg = train_config(args.model, names, args.image_size, args.epochs, seed,
-                                       batch_size=args.batch_size)
-                    cfg["class_weights"] = data["class_weights"]
-                    model_path = run_dir / f"{shards.name.removeprefix('train-')}.pt"
-                    tr = train_model(cfg, shards, prepared / "shards", model_path, run_dir / "ray-storage")
-                    shutil.rmtree(shards, ignore_errors=True)  # rebuilt from the seed on demand; ~0.1-0.2 GB each
-                    t0 = time.perf_counter()
-                    m = evaluate_model_file(tr["model_path"], prepared / "shards", "test")
-                    eval_seconds = time.perf_counter() - t0
-                    recalls = {n: round(m["per_class"][n]["recall"], 3) for n in names}
-                    say(f"{label} seed {seed}: test accuracy {m['accuracy']:.3f}, balanced "
-                        f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, MCC {m['mcc']:.3f}, "
-                        f"recall {recalls}; trained in {tr['wall_seconds']:.0f} s")
-                    result["results"][label]["runs"].append({
-                        "seed": seed, "data": data,
-                        "steps_per_epoch": -(-data["rows"] // args.batch_size),
-                        "train_wall_seconds": tr["wall_seconds"],
-                        "train_images_per_second_last_epoch": tr["train_images_per_second_last_epoch"],
-                        "eval_seconds": eval_seconds, "model_path": tr["model_path"] if args.work else None,
-                        "test": headline(m), "test_per_class": m["per_class"],
-                        "test_confusion_matrix": m["confusion_matrix"], "test_roc_auc_ovr": m["roc_auc_ovr"],
-                        "history": tr["history"]})
-                    write_quiet(partial, result)
-        finally:
-            stop_ray()
+            generator = resume_runs(ap, args, result, seeds, uses_gan, train, grid_path)
+        run_all(args, result, specs, seeds, train, names, prepared, run_dir, generator, uses_gan, grid_path, smote,
+                partial)
 
     for label, r in result["results"].items():
         r["test_mean_std"] = summarise(r["runs"], names)
     env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     result["total_wall_seconds"] = time.perf_counter() - t_start
     result["complete"] = True
-    first = next(iter(result["results"].values()))["runs"][0]["test"]
-    support = {n: v["support"] for n, v in next(iter(result["results"].values()))["runs"][0]["test_per_class"].items()}
-    print(f"\nELPV 4-class, {args.model}, {args.epochs} epochs, {args.image_size}x{args.image_size} grayscale, batch "
-          f"{args.batch_size}, training split {len(train)} images {label_counts(train)}; test split "
-          f"{first['num_samples']} images {support} (majority rate {first['majority_rate']:.3f}); "
-          f"online '{ONLINE_POLICY}' augmentation, no offline copies; torch {env['torch']}, ray {env['ray']}, "
-          f"{env['cpus']} CPUs")
-    if result["gan"]:
-        g, q = result["gan"], result["gan"]["quality"]
-        fd = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"GAN: {g['settings']['epochs']} epochs at {g['settings']['image_size']}px on the real training rows, "
-              f"{g['train_wall_seconds']:.0f} s wall ({g['seconds_per_epoch']:.1f} s/epoch), once per run; "
-              f"Frechet distance {fd(q['fd'])} (real held-out vs real: {fd(q['fd_real_holdout'])}); "
-              f"samples {g['sample_grid']}")
-    print("rows after: training rows per epoch (per class in class order); metrics on the test split, "
-          f"mean ± std over seeds {seeds}; total {result['total_wall_seconds'] / 60:.1f} min.\n")
-    print(table(specs, result["results"], names))
+    print_report(args, result, specs, seeds, train, names, env)
     common.write_json(out, result)
     partial.unlink(missing_ok=True)
 

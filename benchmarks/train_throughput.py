@@ -175,6 +175,16 @@ def main() -> None:
         rows["plain PyTorch loop, fp32"] = float(np.mean(plain_fp32))
         rows["plain PyTorch loop, bf16"] = plain("bf16")
 
+    report(args, rows, ray_rows, data_only, plain_fp32)
+
+
+def report(args, rows: dict, ray_rows: dict, data_only: float, plain_fp32: list[float]) -> None:
+    """Print the table and write the JSON: every arm against the plain loop of its precision."""
+    import ray
+
+    from benchmarks.common import cpu_info
+
+    size, bs, pol = args.image_size, args.batch_size, args.policy
     table = []
     for name, v in rows.items():
         table.append((name, v, 1.0, None))

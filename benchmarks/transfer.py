@@ -40,7 +40,7 @@ from components.models import create_model, list_models, load_pretrained
 CELL_TYPES = ("mono", "poly")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--source", default="mono", choices=CELL_TYPES)
     ap.add_argument("--target", default="poly", choices=CELL_TYPES)
@@ -64,81 +64,72 @@ def main() -> None:
                     help="work dir: prepared ELPV is cached there and each run's shards and models kept; "
                          "default a temp dir")
     ap.add_argument("--out", default=str(RESULTS / "transfer.json"))
-    args = ap.parse_args()
-    if args.source == args.target:
-        ap.error("--source and --target must be different cell types")
-    seeds = parse_ints(args.seeds, "--seeds")
-    sampler = "random_over" if args.oversample_ratio > 0 else "none"
-    ratio = args.oversample_ratio if args.oversample_ratio > 0 else 1.0
+    return ap
+
+
+class Runs:
+    """Training and test runs of one benchmark run: the shared settings, run directory and evaluation shards."""
+
+    def __init__(self, args: argparse.Namespace, names: list[str], run_dir: Path, eval_dirs: dict, sampler: str,
+                 ratio: float):
+        self.args, self.names, self.run_dir, self.eval_dirs = args, names, run_dir, eval_dirs
+        self.sampler, self.ratio = sampler, ratio
+
+    def train(self, name: str, rows, val_type: str, epochs: int, seed: int, **kw) -> dict:
+        args, run_dir = self.args, self.run_dir
+        shards = rebalanced_train_shards(rows, run_dir / f"{name}-s{seed}-train", len(self.names), seed=seed,
+                                         sampler=self.sampler, target_ratio=self.ratio)
+        say(f"{name}, seed {seed}: {len(rows)} images {shards['counts_before']} -> {shards['counts_after']}, "
+            f"{epochs} epochs")
+        cfg = train_config(args.model, self.names, args.image_size, epochs, seed, batch_size=args.batch_size,
+                           lr=args.lr, **kw)
+        tr = train_model(cfg, run_dir / f"{name}-s{seed}-train", self.eval_dirs[("val", val_type)],
+                         run_dir / f"{name}-s{seed}.pt", run_dir / "ray-storage")
+        return {**tr, "train_data": {k_: v for k_, v in shards.items() if k_ != "dir"}, "epochs": epochs,
+                "config": {k_: cfg[k_] for k_ in ("lr", "freeze_backbone_epochs", "backbone_lr_scale",
+                                                   "pretrained")}}
+
+    def test(self, model_path: str, cell_type: str) -> dict:
+        return evaluate_model_file(model_path, self.eval_dirs[("test", cell_type)], "test")
+
+
+def run_seed(runs: Runs, by: dict, seed: int) -> dict:
+    """Pre-training on the source type, then scratch and fine-tuned (and the ceiling) on the target type."""
+    args = runs.args
     src, tgt = args.source, args.target
-    common.setup_environment()
-    env = environment_info()
+    rec: dict = {"seed": seed}
+    source_rows = stratified_subset(by[("train", src)], args.max_source_images, seed)
+    pre = runs.train(f"pretrain-{src}", source_rows, src, args.pretrain_epochs, seed)
+    source_model = str(Path(pre["model_path"]).resolve())
+    rec["source_pretrain"] = {**pre, "test_source": runs.test(source_model, src),
+                              "test_target_zero_shot": runs.test(source_model, tgt)}
+    subset = stratified_subset(by[("train", tgt)], args.target_images, seed)
+    rec["target_subset"] = {"images": len(subset), "label_counts": label_counts(subset),
+                            "paths": subset["path"].tolist()}
+    # The pretrained file is checked here, before any worker, as the train stage does.
+    report = load_pretrained(create_model(args.model, len(runs.names), 1), source_model, in_chans=1)
+    rec["transfer_report"] = {"loaded": len(report.loaded), "adapted": report.adapted,
+                              "reinitialised": report.reinitialised, "ignored": report.ignored}
+    scratch = runs.train(f"scratch-{tgt}{len(subset)}", subset, tgt, args.epochs, seed)
+    rec["scratch"] = {**scratch, "test_target": runs.test(scratch["model_path"], tgt)}
+    fine = runs.train(f"finetune-{src}-{tgt}{len(subset)}", subset, tgt, args.epochs, seed,
+                      pretrained=source_model, freeze_backbone_epochs=args.freeze_backbone_epochs,
+                      backbone_lr_scale=args.backbone_lr_scale)
+    rec["finetune"] = {**fine, "test_target": runs.test(fine["model_path"], tgt)}
+    if args.with_ceiling:
+        ceil = runs.train(f"scratch-{tgt}-all", by[("train", tgt)], tgt, args.epochs, seed)
+        rec["ceiling"] = {**ceil, "test_target": runs.test(ceil["model_path"], tgt)}
+    for arm in ("scratch", "finetune", "ceiling"):
+        if arm in rec:
+            m = rec[arm]["test_target"]
+            say(f"seed {seed} {arm}: {tgt} test accuracy {m['accuracy']:.3f}, balanced "
+                f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+    return rec
 
-    with tempfile.TemporaryDirectory(prefix="resops-bench-transfer-") as tmp:
-        work = Path(args.work or tmp)
-        prepared = prepared_elpv(work, args.task, SPLIT_SEED)
-        names = class_names(prepared)
-        k = len(names)
-        frame = elpv_frame(prepared)
-        run_dir = work / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}"
-        by = {(s, t): frame[(frame["split"] == s) & (frame["cell_type"] == t)] for s in ("train", "val", "test")
-              for t in CELL_TYPES}
-        data = {f"{s}/{t}": label_counts(f) for (s, t), f in by.items()}
-        say("images per split/cell type (label counts): " + "; ".join(f"{key} {v}" for key, v in data.items()))
-        eval_dirs = {(s, t): write_split_shards(by[(s, t)], run_dir / f"{s}-{t}") for s in ("val", "test")
-                     for t in (src, tgt)}
 
-        def train(name: str, rows, val_type: str, epochs: int, seed: int, **kw) -> dict:
-            shards = rebalanced_train_shards(rows, run_dir / f"{name}-s{seed}-train", k, seed=seed, sampler=sampler,
-                                             target_ratio=ratio)
-            say(f"{name}, seed {seed}: {len(rows)} images {shards['counts_before']} -> {shards['counts_after']}, "
-                f"{epochs} epochs")
-            cfg = train_config(args.model, names, args.image_size, epochs, seed, batch_size=args.batch_size,
-                               lr=args.lr, **kw)
-            tr = train_model(cfg, run_dir / f"{name}-s{seed}-train", eval_dirs[("val", val_type)],
-                             run_dir / f"{name}-s{seed}.pt", run_dir / "ray-storage")
-            return {**tr, "train_data": {k_: v for k_, v in shards.items() if k_ != "dir"}, "epochs": epochs,
-                    "config": {k_: cfg[k_] for k_ in ("lr", "freeze_backbone_epochs", "backbone_lr_scale",
-                                                       "pretrained")}}
-
-        def test(model_path: str, cell_type: str) -> dict:
-            return evaluate_model_file(model_path, eval_dirs[("test", cell_type)], "test")
-
-        start_ray()
-        per_seed = []
-        try:
-            for seed in seeds:
-                rec: dict = {"seed": seed}
-                source_rows = stratified_subset(by[("train", src)], args.max_source_images, seed)
-                pre = train(f"pretrain-{src}", source_rows, src, args.pretrain_epochs, seed)
-                source_model = str(Path(pre["model_path"]).resolve())
-                rec["source_pretrain"] = {**pre, "test_source": test(source_model, src),
-                                          "test_target_zero_shot": test(source_model, tgt)}
-                subset = stratified_subset(by[("train", tgt)], args.target_images, seed)
-                rec["target_subset"] = {"images": len(subset), "label_counts": label_counts(subset),
-                                        "paths": subset["path"].tolist()}
-                # The pretrained file is checked here, before any worker, as the train stage does.
-                report = load_pretrained(create_model(args.model, k, 1), source_model, in_chans=1)
-                rec["transfer_report"] = {"loaded": len(report.loaded), "adapted": report.adapted,
-                                          "reinitialised": report.reinitialised, "ignored": report.ignored}
-                scratch = train(f"scratch-{tgt}{len(subset)}", subset, tgt, args.epochs, seed)
-                rec["scratch"] = {**scratch, "test_target": test(scratch["model_path"], tgt)}
-                fine = train(f"finetune-{src}-{tgt}{len(subset)}", subset, tgt, args.epochs, seed,
-                             pretrained=source_model, freeze_backbone_epochs=args.freeze_backbone_epochs,
-                             backbone_lr_scale=args.backbone_lr_scale)
-                rec["finetune"] = {**fine, "test_target": test(fine["model_path"], tgt)}
-                if args.with_ceiling:
-                    ceil = train(f"scratch-{tgt}-all", by[("train", tgt)], tgt, args.epochs, seed)
-                    rec["ceiling"] = {**ceil, "test_target": test(ceil["model_path"], tgt)}
-                for arm in ("scratch", "finetune", "ceiling"):
-                    if arm in rec:
-                        m = rec[arm]["test_target"]
-                        say(f"seed {seed} {arm}: {tgt} test accuracy {m['accuracy']:.3f}, balanced "
-                            f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-                per_seed.append(rec)
-        finally:
-            stop_ray()
-
+def summarise(args: argparse.Namespace, per_seed: list[dict], by: dict) -> tuple[list[str], list[list], dict]:
+    """The table's headers and rows and the JSON summary, one entry per arm."""
+    src, tgt = args.source, args.target
     n_sub = per_seed[0]["target_subset"]["images"]
     arms = [  # (label, where the metrics are, where the training record is)
         (f"source {src} model on {src} test (in-domain reference)", ("source_pretrain", "test_source"),
@@ -167,6 +158,64 @@ def main() -> None:
             epochs, wall = str(trs[0]["epochs"]), fmt_mean_std([t["wall_seconds"] for t in trs], 0)
         rows.append([label, images, epochs, str(ms[0]["num_samples"]),
                      *[fmt_mean_std([x[m] for x in ms]) for m in HEADLINE], wall])
+    return headers, rows, summary
+
+
+def run_settings(args: argparse.Namespace, names: list[str], seeds: list[int], sampler: str, ratio: float) -> dict:
+    """The settings block of the JSON."""
+    return {"dataset": "elpv", "task": args.task, "class_names": names, "split_seed": SPLIT_SEED,
+            "source": args.source, "target": args.target, "model": args.model, "target_images": args.target_images,
+            "pretrain_epochs": args.pretrain_epochs, "epochs": args.epochs,
+            "freeze_backbone_epochs": args.freeze_backbone_epochs,
+            "backbone_lr_scale": args.backbone_lr_scale, "lr": args.lr, "image_size": args.image_size,
+            "batch_size": args.batch_size, "oversampling": {"sampler": sampler, "target_ratio": ratio},
+            "online_augmentation": ONLINE_POLICY, "max_source_images": args.max_source_images,
+            "with_ceiling": args.with_ceiling, "seeds": seeds,
+            "train_recipe": {k_: v for k_, v in train_config(args.model, names, args.image_size, args.epochs,
+                                                             seeds[0]).items()
+                             if k_ in ("weight_decay", "label_smoothing", "shuffle_buffer",
+                                       "threads_per_worker", "class_weights")},
+            "ray_resources": RAY_RESOURCES, "ray_init": RAY_INIT,
+            "scratch_arm": "same images, epochs, lr, oversampling and augmentation; no pretrained weights, "
+                           "no freezing, backbone_lr_scale 1.0",
+            "model_selection": "weights after the last epoch (no early stopping); test images used once"}
+
+
+def main() -> None:
+    ap = build_parser()
+    args = ap.parse_args()
+    if args.source == args.target:
+        ap.error("--source and --target must be different cell types")
+    seeds = parse_ints(args.seeds, "--seeds")
+    sampler = "random_over" if args.oversample_ratio > 0 else "none"
+    ratio = args.oversample_ratio if args.oversample_ratio > 0 else 1.0
+    src, tgt = args.source, args.target
+    common.setup_environment()
+    env = environment_info()
+
+    with tempfile.TemporaryDirectory(prefix="resops-bench-transfer-") as tmp:
+        work = Path(args.work or tmp)
+        prepared = prepared_elpv(work, args.task, SPLIT_SEED)
+        names = class_names(prepared)
+        frame = elpv_frame(prepared)
+        run_dir = work / f"transfer-{time.strftime('%Y%m%d-%H%M%S')}"
+        by = {(s, t): frame[(frame["split"] == s) & (frame["cell_type"] == t)] for s in ("train", "val", "test")
+              for t in CELL_TYPES}
+        data = {f"{s}/{t}": label_counts(f) for (s, t), f in by.items()}
+        say("images per split/cell type (label counts): " + "; ".join(f"{key} {v}" for key, v in data.items()))
+        eval_dirs = {(s, t): write_split_shards(by[(s, t)], run_dir / f"{s}-{t}") for s in ("val", "test")
+                     for t in (src, tgt)}
+        runs = Runs(args, names, run_dir, eval_dirs, sampler, ratio)
+
+        start_ray()
+        per_seed = []
+        try:
+            for seed in seeds:
+                per_seed.append(run_seed(runs, by, seed))
+        finally:
+            stop_ray()
+
+    headers, rows, summary = summarise(args, per_seed, by)
     gain = {m: mean_std([r["finetune"]["test_target"][m] - r["scratch"]["test_target"][m] for r in per_seed])
             for m in HEADLINE}
     env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -181,22 +230,7 @@ def main() -> None:
           ", ".join(f"{m} {fmt_mean_std(gain[m]['values'])}" for m in HEADLINE))
     result = {
         "benchmark": "transfer",
-        "settings": {"dataset": "elpv", "task": args.task, "class_names": names, "split_seed": SPLIT_SEED,
-                     "source": src, "target": tgt, "model": args.model, "target_images": args.target_images,
-                     "pretrain_epochs": args.pretrain_epochs, "epochs": args.epochs,
-                     "freeze_backbone_epochs": args.freeze_backbone_epochs,
-                     "backbone_lr_scale": args.backbone_lr_scale, "lr": args.lr, "image_size": args.image_size,
-                     "batch_size": args.batch_size, "oversampling": {"sampler": sampler, "target_ratio": ratio},
-                     "online_augmentation": ONLINE_POLICY, "max_source_images": args.max_source_images,
-                     "with_ceiling": args.with_ceiling, "seeds": seeds,
-                     "train_recipe": {k_: v for k_, v in train_config(args.model, names, args.image_size, args.epochs,
-                                                                      seeds[0]).items()
-                                      if k_ in ("weight_decay", "label_smoothing", "shuffle_buffer",
-                                                "threads_per_worker", "class_weights")},
-                     "ray_resources": RAY_RESOURCES, "ray_init": RAY_INIT,
-                     "scratch_arm": "same images, epochs, lr, oversampling and augmentation; no pretrained weights, "
-                                    "no freezing, backbone_lr_scale 1.0",
-                     "model_selection": "weights after the last epoch (no early stopping); test images used once"},
+        "settings": run_settings(args, names, seeds, sampler, ratio),
         "data": {"label_counts_by_split_and_cell_type": data},
         "environment": env,
         "summary": summary,

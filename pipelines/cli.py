@@ -263,45 +263,63 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     after = argparse.ArgumentParser(add_help=False)
     after.add_argument("-S", "--set", action="append", dest="set_after", default=[], metavar="KEY=VALUE", help=set_help)
     sub = ap.add_subparsers(dest="command", required=True)
-    _add_parser = sub.add_parser
-    sub.add_parser = lambda *a, **kw: _add_parser(*a, parents=[after], **kw)  # every command takes -S
 
+    def command(name: str, **kw) -> argparse.ArgumentParser:  # every command takes -S
+        return sub.add_parser(name, parents=[after], **kw)
+
+    _add_pipeline_commands(command)
+    _add_job_commands(command)
+    _add_serving_commands(command)
+    sub.add_parser("edge", add_help=False, help="the edge runtime on the device: the int8 edge model, escalating to "
+                                                "the cloud app (`resops edge --help`; needs no Ray or torch)")
+    args = ap.parse_args(argv)
+    args.set = [*args.set, *getattr(args, "set_after", [])]
+    return args
+
+
+def _add_pipeline_commands(command) -> None:
     from pipelines.detect_stages import STAGES as DETECT_STAGES
     from pipelines.stages import STAGES
 
-    r = sub.add_parser("run", help="run pipeline stages (what each DVC stage calls); stages in cluster.submit "
-                                   "run as a job on the cluster")
+    r = command("run", help="run pipeline stages (what each DVC stage calls); stages in cluster.submit "
+                            "run as a job on the cluster")
     r.add_argument("stages", nargs="+", choices=[*STAGES, *(s for s in DETECT_STAGES if s not in STAGES), "all"],
                    metavar="STAGE", help=f"one or more of {', '.join(STAGES)} (detection pipeline: "
                                          f"{', '.join(DETECT_STAGES)}), or all")
     r.add_argument("--local", action="store_true", help="run here even if cluster.submit lists the stage")
     r.add_argument("--export", metavar="URI", help="afterwards copy the stages' outputs to this path or s3:// URI")
     r.set_defaults(func=cmd_run)
-
-    address = dict(help="Ray cluster (Jobs API), e.g. http://127.0.0.1:8265; default $RESOPS_CLUSTER_ADDRESS, "
-                        "cluster.address, then Ray's RAY_ADDRESS")
-    sb = sub.add_parser("submit", help="run pipeline stages as one Ray job on a cluster: upload the project, "
-                                       "stream the logs, fetch the outputs, exit with the job's status")
+    sb = command("submit", help="run pipeline stages as one Ray job on a cluster: upload the project, "
+                                "stream the logs, fetch the outputs, exit with the job's status")
     sb.add_argument("stages", nargs="+", choices=[*STAGES, "all"], metavar="STAGE")
-    sb.add_argument("--address", **address)
+    sb.add_argument("--address", **ADDRESS)
     sb.add_argument("--no-wait", action="store_true", help="print the job id and return")
     sb.add_argument("--no-fetch", action="store_true", help="leave the outputs in cluster.artifacts")
     sb.set_defaults(func=cmd_submit)
+
+
+ADDRESS = dict(help="Ray cluster (Jobs API), e.g. http://127.0.0.1:8265; default $RESOPS_CLUSTER_ADDRESS, "
+                    "cluster.address, then Ray's RAY_ADDRESS")
+
+
+def _add_job_commands(command) -> None:
     for name, func, helptext in (("status", cmd_status, "a job's status (exit 1 if it failed)"),
                                  ("logs", cmd_logs, "a job's logs"), ("stop", cmd_stop, "stop a job")):
-        jp = sub.add_parser(name, help=helptext)
+        jp = command(name, help=helptext)
         jp.add_argument("job", help="submission id (printed by resops submit)")
-        jp.add_argument("--address", **address)
+        jp.add_argument("--address", **ADDRESS)
         if name == "status":
             jp.add_argument("--json", action="store_true")
         if name == "logs":
             jp.add_argument("-f", "--follow", action="store_true", help="stream until the job ends; exit with its status")
         jp.set_defaults(func=func)
-    jl = sub.add_parser("jobs", help="the cluster's resops jobs")
-    jl.add_argument("--address", **address)
+    jl = command("jobs", help="the cluster's resops jobs")
+    jl.add_argument("--address", **ADDRESS)
     jl.set_defaults(func=cmd_jobs)
 
-    s = sub.add_parser("serve", help="serve the promoted models (edge + cloud tiers) with Ray Serve (127.0.0.1 by default)")
+
+def _add_serving_commands(command) -> None:
+    s = command("serve", help="serve the promoted models (edge + cloud tiers) with Ray Serve (127.0.0.1 by default)")
     s.add_argument("--config", default="models/serve/serve_config.yaml",
                    help="Serve config written by the calibrate stage (default: models/serve/serve_config.yaml)")
     s.add_argument("--mode", choices=["edge", "cloud", "cascade"], help="default routing mode (default: serve.default_mode)")
@@ -309,7 +327,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     s.add_argument("--port", type=int)
     s.set_defaults(func=cmd_serve)
 
-    pr = sub.add_parser("predict", help="send an image to a running resops server and print the answer")
+    pr = command("predict", help="send an image to a running resops server and print the answer")
     pr.add_argument("file")
     pr.add_argument("--detect", action="store_true", help="a detection app: POST /detect (boxes)")
     pr.add_argument("--score-threshold", type=float, help="--detect: lowest box score to return")
@@ -323,7 +341,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                     help="POST /explain: the cloud model's answer and its Grad-CAM heat map over the image, saved as -o")
     pr.add_argument("-o", "--output", help="--explain: where to write the heat map PNG (default: FILE.gradcam.png here)")
     pr.set_defaults(func=cmd_predict)
-    fb = sub.add_parser("feedback", help="what serving kept (serve.feedback): export it as a <class>/<image> tree "
+    fb = command("feedback", help="what serving kept (serve.feedback): export it as a <class>/<image> tree "
                                          "for labelling and `dvc add`")
     fbs = fb.add_subparsers(dest="feedback_command", required=True)
     fe = fbs.add_parser("export", help="the store's images as <to>/<class>/<image> (class: the cloud's answer, "
@@ -333,12 +351,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     fe.add_argument("--to", required=True, help="the folder to write, e.g. data/extra/feedback-2026-12")
     fe.add_argument("--corrections", help="CSV of sha256,label rows: labels a person gave (label_source person)")
     fe.set_defaults(func=cmd_feedback_export)
-    _add_parser("edge", add_help=False, help="the edge runtime on the device: the int8 edge model, escalating to "
-                                             "the cloud app (`resops edge --help`; needs no Ray or torch)")
-
-    args = ap.parse_args(argv)
-    args.set = [*args.set, *getattr(args, "set_after", [])]
-    return args
 
 
 def _version() -> str:
