@@ -26,7 +26,7 @@ import numpy as np
 
 from pipelines.params import Params
 from pipelines.runtime import init_ray
-from pipelines.stages import METRICS, _say, _write_json, record_training
+from pipelines.stages import METRICS, record_training, say, write_json
 
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")
@@ -76,7 +76,7 @@ def ingest(p: Params) -> dict:
                 (RAW / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(ds.root / rel, RAW / rel)
     n = sum(1 for f in RAW.rglob("*") if f.is_file())
-    _say(f"ingest: {n} raw files of detection dataset {name!r} in {RAW}")
+    say(f"ingest: {n} raw files of detection dataset {name!r} in {RAW}")
     return {"dataset": name, "files": n}
 
 
@@ -87,7 +87,7 @@ def prepare(p: Params) -> dict:
                             test_size=p("data.test_size"), val_size=p("data.val_size"), seed=p("seed"),
                             rows_per_shard=p("data.rows_per_shard"), skip_corrupt=p("data.skip_corrupt"))
     r = res.report
-    _say(f"prepare: {r['num_prepared']} images {r['images']}, boxes {r['boxes']}, {len(r['corrupt'])} unusable")
+    say(f"prepare: {r['num_prepared']} images {r['images']}, boxes {r['boxes']}, {len(r['corrupt'])} unusable")
     return r
 
 
@@ -135,7 +135,7 @@ def train(p: Params) -> dict:
               data_digest=prep["data_digest"])
     last = res.history[-1]
     summary = record_training(res, t0, anchors=anchor_info)
-    _say(f"train: {len(res.history)} epochs, val mAP@0.5 {last['val_map_50']:.3f}, mAP@0.5:0.95 "
+    say(f"train: {len(res.history)} epochs, val mAP@0.5 {last['val_map_50']:.3f}, mAP@0.5:0.95 "
          f"{last['val_map_50_95']:.3f}; model at {TRAIN_MODEL}")
     return summary
 
@@ -186,8 +186,8 @@ def prune(p: Params) -> dict:
                  "nonzero_params_after": int(sum(int((q != 0).sum()) for q in model.parameters())),
                  "file_bytes_full": TRAIN_MODEL.stat().st_size, "file_bytes_edge": path.stat().st_size,
                  "finetune_steps": len(losses), "finetune_last_loss": losses[-1] if losses else None})
-    _write_json(METRICS / "prune.json", info)
-    _say(f"prune: {method}; MACs {macs0 / 1e9:.2f} G -> {macs1 / 1e9:.2f} G, non-zero parameters "
+    write_json(METRICS / "prune.json", info)
+    say(f"prune: {method}; MACs {macs0 / 1e9:.2f} G -> {macs1 / 1e9:.2f} G, non-zero parameters "
          f"{info['nonzero_params_after'] / 1e6:.2f} M of {params0 / 1e6:.2f} M, file {info['file_bytes_full'] / 1e6:.1f}"
          f" -> {info['file_bytes_edge'] / 1e6:.1f} MB; {len(losses)} fine-tune steps")
     return info
@@ -228,8 +228,8 @@ def evaluate(p: Params) -> dict:
         save_pr_curves(m, REPORTS / f"pr_{name}.png", title=f"{name} model, test split")
         save_prediction_grid(model, test, meta, REPORTS / f"predictions_{name}.png", n=8,
                              score_threshold=p("serve.score_threshold"))
-    _write_json(METRICS / "evaluate.json", out)
-    _say(f"evaluate: test mAP@0.5 full {out['full']['map_50']:.3f} / pruned {out['pruned']['map_50']:.3f}, "
+    write_json(METRICS / "evaluate.json", out)
+    say(f"evaluate: test mAP@0.5 full {out['full']['map_50']:.3f} / pruned {out['pruned']['map_50']:.3f}, "
          f"mAP@0.5:0.95 {out['full']['map_50_95']:.3f} / {out['pruned']['map_50_95']:.3f}; "
          f"{out['full']['ms_per_frame_median']:.1f} / {out['pruned']['ms_per_frame_median']:.1f} ms per frame")
     return out
@@ -261,8 +261,8 @@ def promote(p: Params) -> dict:
         info["files"] = {"full": "full.pt", "edge": f"edge{edge.suffix}"}
     else:
         (SERVE_DIR / "NOT_PROMOTED").write_text(f"pruned mAP@0.5 {ev['pruned']['map_50']:.3f} < {gate}\n")
-    _write_json(PROMOTED / "model.json", info)
-    _say(f"promote: {'promoted' if passed else 'NOT promoted'} (pruned mAP@0.5 {ev['pruned']['map_50']:.3f}, "
+    write_json(PROMOTED / "model.json", info)
+    say(f"promote: {'promoted' if passed else 'NOT promoted'} (pruned mAP@0.5 {ev['pruned']['map_50']:.3f}, "
          f"gate {gate})" + (f"; Serve config {SERVE_DIR / 'serve_config.yaml'}: POST /detect" if passed else ""))
     return info
 

@@ -37,12 +37,12 @@ def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def _write_json(path: Path, obj: dict) -> None:
+def write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2, default=float) + "\n")
 
 
-def _say(msg: str) -> None:
+def say(msg: str) -> None:
     print(f"[resops] {msg}", flush=True)
 
 
@@ -59,7 +59,7 @@ def ingest(p: Params) -> dict:
     opts = {"folder": dict(p("data.folder")), "synthetic": dict(p("data.synthetic"), seed=p("seed"))}.get(name, {})
     source.ingest(RAW / name, **opts)
     n = sum(1 for f in (RAW / name).rglob("*") if f.is_file())
-    _say(f"ingest: {n} raw files of dataset {name!r} in {RAW / name}")
+    say(f"ingest: {n} raw files of dataset {name!r} in {RAW / name}")
     return {"dataset": name, "files": n}
 
 
@@ -73,7 +73,7 @@ def prepare(p: Params) -> dict:
                           test_size=p("data.test_size"), val_size=p("data.val_size"), seed=p("seed"),
                           skip_corrupt=p("data.skip_corrupt"), rows_per_shard=p("data.rows_per_shard"),
                           max_image_pixels=p("data.max_image_pixels"), extra=_extra_folders(p))
-    _say(f"prepare: {res.report['num_prepared']} images, {len(res.report['corrupt'])} corrupt, "
+    say(f"prepare: {res.report['num_prepared']} images, {len(res.report['corrupt'])} corrupt, "
          f"counts {res.report['counts']}; examples per class in {PREPARED / 'samples.png'}")
     return res.report
 
@@ -114,7 +114,7 @@ def _ingest_eeg(p: Params, name: str) -> dict:
             raise FileNotFoundError(f"data.eeg.path must be a folder of <class>/<file>.edf recordings, got {e['path']!r}")
         shutil.copytree(e["path"], dest)
     n = sum(1 for f in dest.rglob("*") if f.is_file())
-    _say(f"ingest: {n} raw EEG files of dataset {name!r} in {dest}")
+    say(f"ingest: {n} raw EEG files of dataset {name!r} in {dest}")
     return {"dataset": name, "files": n}
 
 
@@ -140,7 +140,7 @@ def _prepare_eeg(p: Params, name: str) -> dict:
                       rows_per_shard=p("data.rows_per_shard"), use_ray=True,
                       cpus_per_task=p("augment.cpus_per_task"))
     r = res.report
-    _say(f"prepare: {r['num_recordings']} EEG recordings -> {r['num_prepared']} scalograms ({window}-sample windows, "
+    say(f"prepare: {r['num_recordings']} EEG recordings -> {r['num_prepared']} scalograms ({window}-sample windows, "
          f"overlap {overlap}, {sum(r['reassembled'].values())} reassembled), counts {r['counts']}; "
          f"examples in {r['examples']}")
     return r
@@ -166,8 +166,8 @@ def augment(p: Params) -> dict:
     out = pd.concat(parts, ignore_index=True)
     write_shards(out, AUGMENTED / "shards", p("data.rows_per_shard"))
     report = {"policy": p("augment.policy"), "offline_copies": copies, "rows_in": len(train), "rows_out": len(out)}
-    _write_json(AUGMENTED / "augment.json", report)
-    _say(f"augment: {len(train)} training images -> {len(out)} rows (policy {p('augment.policy')}, {copies} copies)")
+    write_json(AUGMENTED / "augment.json", report)
+    say(f"augment: {len(train)} training images -> {len(out)} rows (policy {p('augment.policy')}, {copies} copies)")
     return report
 
 
@@ -187,8 +187,8 @@ def gan(p: Params) -> dict:
     GAN_REPORTS.mkdir(parents=True)
     if "gan" not in parse_strategy(p("rebalance.strategy")):
         report = {"enabled": False, "reason": f"rebalance.strategy {p('rebalance.strategy')!r} does not use gan"}
-        _write_json(GAN_DIR / "gan.json", report)
-        _write_json(METRICS / "gan.json", report)
+        write_json(GAN_DIR / "gan.json", report)
+        write_json(METRICS / "gan.json", report)
         (GAN_REPORTS / "README.txt").write_text("No GAN: rebalance.strategy does not use it.\n")
         from components.data.images import save_class_grid
         from components.data.prepare import load_report
@@ -199,7 +199,7 @@ def gan(p: Params) -> dict:
                         GAN_REPORTS / "samples.png", title=f"no generator ({report['reason']}): real training "
                         "images per class", in_chans=p("data.in_chans"), seed=p("seed"),
                         max_pixels=p("data.max_image_pixels"))
-        _say(f"gan: skipped ({report['reason']})")
+        say(f"gan: skipped ({report['reason']})")
         return report
 
     from components.rebalance.gan import generate, save_sample_grid, train_gan
@@ -225,9 +225,9 @@ def gan(p: Params) -> dict:
                              threads=p("train.threads_per_worker"))
     report = {"enabled": True, "generator": str(res.generator_path), "version": res.version, "epochs": len(res.history),
               "last_epoch": res.history[-1] if res.history else None, "samples": str(grid), "quality": quality}
-    _write_json(GAN_DIR / "gan.json", report)
-    _write_json(METRICS / "gan.json", {k: v for k, v in report.items() if k != "last_epoch"})
-    _say(f"gan: generator {res.version[:12]} after {len(res.history)} epochs; Frechet distance {quality['fd']:.2f} "
+    write_json(GAN_DIR / "gan.json", report)
+    write_json(METRICS / "gan.json", {k: v for k, v in report.items() if k != "last_epoch"})
+    say(f"gan: generator {res.version[:12]} after {len(res.history)} epochs; Frechet distance {quality['fd']:.2f} "
          f"(real held-out {quality['fd_real_holdout']:.2f}); samples in {grid}")
     # A generator that produces garbage fails the stage here, before its rows reach training.
     check_quality(quality, max_fd=q["max_fd"], min_class_accuracy=q["min_class_accuracy"],
@@ -252,8 +252,8 @@ def rebalance(p: Params) -> dict:
     report = {"strategy": "+".join(res.strategy), "target_ratio": p("rebalance.target_ratio"),
               "counts_before": res.counts_before, "counts_after": res.counts_after, "added": res.added,
               "class_weights": res.class_weights, "generator_version": res.generator_version}
-    _write_json(REBALANCED / "rebalance.json", report)
-    _say(f"rebalance ({report['strategy']}): {res.counts_before} -> {res.counts_after}, "
+    write_json(REBALANCED / "rebalance.json", report)
+    say(f"rebalance ({report['strategy']}): {res.counts_before} -> {res.counts_after}, "
          f"class weights {res.class_weights}")
     return report
 
@@ -291,7 +291,7 @@ def train(p: Params) -> dict:
         # Checked here too: a missing or malformed file fails the stage at once.
         path = resolve_pretrained(p("model.pretrained"))
         report = load_pretrained(model, path, in_chans=cfg["in_chans"])
-        _say(report.summary())
+        say(report.summary())
         cfg["pretrained"] = str(path)
         transfer = {"path": str(path), "loaded": len(report.loaded), "adapted": report.adapted,
                     "reinitialised": report.reinitialised, "ignored": report.ignored}
@@ -311,14 +311,14 @@ def train(p: Params) -> dict:
         meta = {"image_size": cfg["image_size"], "in_chans": cfg["in_chans"]}
         decision = tune_model_file(TRAIN_MODEL, _batches(p, PREPARED / "shards", "val", None, meta, 128),
                                    p("train.decision_bias"))
-        _say(f"train: class bias {decision['bias']} tuned on {decision['validation_images']} validation images: "
+        say(f"train: class bias {decision['bias']} tuned on {decision['validation_images']} validation images: "
              f"{decision['metric']} {decision['validation_before']:.3f} -> {decision['validation_after']:.3f}")
     selected = next(h for h in res.history if h["epoch"] == res.selected_epoch)
     summary = record_training(res, t0, pretrained=transfer, select_by=p("train.select_by"),
                               selected_epoch=res.selected_epoch, decision_bias=decision,
                               selected={k: v for k, v in selected.items() if k.startswith("val_")},
                               **describe_precision(last["precision"], p("train.precision")))
-    _say(f"train: {len(res.history)} epochs, val accuracy {last['val_accuracy']:.3f}, "
+    say(f"train: {len(res.history)} epochs, val accuracy {last['val_accuracy']:.3f}, "
          f"val macro-F1 {last['val_macro_f1']:.3f}; model at {TRAIN_MODEL}")
     return summary
 
@@ -329,7 +329,7 @@ def record_training(res, t0: float, **extra) -> dict:
     summary = {**{k: v for k, v in res.history[-1].items() if k != "start_epoch"}, "epochs_run": len(res.history),
                "resumed_from_epoch": max(h["start_epoch"] for h in res.history), "wall_seconds": time.time() - t0,
                "run_name": PurePosixPath(str(res.run_dir)).name, **extra}
-    _write_json(METRICS / "train.json", summary)
+    write_json(METRICS / "train.json", summary)
     PLOTS.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(res.history).to_csv(PLOTS / "train_history.csv", index=False)
     return summary
@@ -376,7 +376,7 @@ def _finetune(p: Params, model, meta: dict, teacher, epochs: int, label: str) ->
         n = max(1, r["samples"])
         history.append({"step": label, "epoch": epoch + 1, "samples": r["samples"], "loss": r["loss_sum"] / n,
                         "distilled": bool(d["enabled"])})
-        _say(f"prune: fine-tune ({label}) epoch {epoch + 1}/{epochs}: loss {r['loss_sum'] / n:.3f} on {r['samples']} "
+        say(f"prune: fine-tune ({label}) epoch {epoch + 1}/{epochs}: loss {r['loss_sum'] / n:.3f} on {r['samples']} "
              f"images{' (distilled from the full model)' if d['enabled'] else ''}")
     return history
 
@@ -423,7 +423,7 @@ def prune(p: Params) -> dict:
         report.update(requested_sparsity=p("prune.sparsity"), measured_sparsity=after["target_sparsity_measured"],
                       params=after["params"], nonzero_params_before=before["nonzero_params"],
                       nonzero_params_after=after["nonzero_params"])
-        _say(f"prune: sparsity {after['target_sparsity_measured']:.3f} ({p('prune.scope')}, {p('prune.steps')} step(s)), "
+        say(f"prune: sparsity {after['target_sparsity_measured']:.3f} ({p('prune.scope')}, {p('prune.steps')} step(s)), "
              f"non-zero params {before['nonzero_params']} -> {after['nonzero_params']}")
     elif method == "structured":
         from components.models.checkpoint import save_structured
@@ -433,7 +433,7 @@ def prune(p: Params) -> dict:
         example = torch.zeros(1, meta["in_chans"], meta["image_size"], meta["image_size"])
         res = structured_prune(model, example, target=st["target"], ratio=st["ratio"], importance=st["importance"],
                                global_pruning=st["global_pruning"], seed=p("seed"))
-        _say("prune: " + res.summary().replace("\n", "\n[resops] "))
+        say("prune: " + res.summary().replace("\n", "\n[resops] "))
         model = model.to(memory_format=torch.channels_last)
         finetune += _finetune(p, model, meta, teacher, p("prune.finetune_epochs"), f"structured {st['ratio']}")
         edge_file = save_structured(PRUNE_DIR / "model.pt", model, meta, res)
@@ -458,11 +458,11 @@ def prune(p: Params) -> dict:
                            max_images=q["calibration_images"])
         report.update(onnx_file="model.onnx", int8_file="model.int8.onnx", file_bytes_onnx=qr.float_bytes,
                       file_bytes_int8=qr.int8_bytes)
-        _say(f"prune: int8 ONNX {qr.float_bytes / 1e6:.1f} MB -> {qr.int8_bytes / 1e6:.1f} MB, calibrated on "
+        say(f"prune: int8 ONNX {qr.float_bytes / 1e6:.1f} MB -> {qr.int8_bytes / 1e6:.1f} MB, calibrated on "
              f"{q['calibration_images']} training images")
-    _write_json(PRUNE_DIR / "edge.json", report)
-    _write_json(METRICS / "prune.json", report)
-    _say(f"prune: edge model {edge_file} ({method}), file {dense_size / 1e6:.1f} MB -> "
+    write_json(PRUNE_DIR / "edge.json", report)
+    write_json(METRICS / "prune.json", report)
+    say(f"prune: edge model {edge_file} ({method}), file {dense_size / 1e6:.1f} MB -> "
          f"{report['file_bytes_edge'] / 1e6:.1f} MB")
     return report
 
@@ -532,10 +532,10 @@ def evaluate(p: Params) -> dict:
             gradcam_grid(model, grid, meta["class_names"], REPORTS / f"gradcam_{name}.png", per_cell=per_cell,
                          title=f"{name} model ({meta['model_name']}), test split")
             pictures[f"Grad-CAM, {name} model: where it looked, per true class"] = f"gradcam_{name}.png"
-        _say(f"evaluate {name}: accuracy {m['accuracy']:.3f} (majority {m['majority_rate']:.3f}), balanced accuracy "
+        say(f"evaluate {name}: accuracy {m['accuracy']:.3f} (majority {m['majority_rate']:.3f}), balanced accuracy "
              f"{m['balanced_accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}, ROC-AUC {m['roc_auc_ovr']}")
-    _write_json(METRICS / "evaluate.json", results)
-    _write_json(REPORTS / "evaluation.json", {"models": details, "pictures": pictures})
+    write_json(METRICS / "evaluate.json", results)
+    write_json(REPORTS / "evaluation.json", {"models": details, "pictures": pictures})
     return results
 
 
@@ -560,9 +560,9 @@ def promote(p: Params) -> dict:
     entry = register_candidate(REGISTRY, PROMOTED, {"full": TRAIN_MODEL, **edge_files()}, headline,
                                dict(p("promote.gates")), lineage)
     if entry["status"] == "promoted":
-        _say(f"promote: {entry['version']} promoted (previous {entry['previous']}); weights in {PROMOTED}")
+        say(f"promote: {entry['version']} promoted (previous {entry['previous']}); weights in {PROMOTED}")
     else:
-        _say(f"promote: {entry['version']} NOT promoted: {'; '.join(entry['reasons'])}. "
+        say(f"promote: {entry['version']} NOT promoted: {'; '.join(entry['reasons'])}. "
              f"The promoted model stays {entry['previous']}.")
     return entry
 
@@ -609,7 +609,7 @@ def _drift_reference(p: Params, cloud_path: Path) -> dict:
     ref = drift_reference(model, batches["train"], batches["val"], window=d["window"], components=d["components"],
                           seed=p("seed"))
     ref.update(image_size=int(meta["image_size"]), in_chans=int(meta["in_chans"]), model_name=str(meta["model_name"]))
-    _say(f"calibrate: drift reference from {ref['train_images']} training and {ref['val_images']} validation images "
+    say(f"calibrate: drift reference from {ref['train_images']} training and {ref['val_images']} validation images "
          f"(null levels: intensity PSI {ref['intensity_null95']:.4f}, embedding Frechet "
          f"{ref.get('embedding_null95', float('nan')):.3f})")
     return ref
@@ -708,12 +708,12 @@ def calibrate(p: Params) -> dict:
     if SERVE_DIR.exists():
         shutil.rmtree(SERVE_DIR)
     if args.get("drift"):  # reference statistics of the training inputs: GET /drift compares with them
-        _write_json(Path(args["drift"]["reference"]), _drift_reference(p, Path(files["full"])))
+        write_json(Path(args["drift"]["reference"]), _drift_reference(p, Path(files["full"])))
     config = build_serve_config(args, host=p("serve.host"), port=p("serve.port"))  # checks the files it names
-    _write_json(SERVE_DIR / "calibration.json", cal)
+    write_json(SERVE_DIR / "calibration.json", cal)
     from components.registry.card import card_markdown
 
-    _write_json(SERVE_DIR / "model_card.json", card)
+    write_json(SERVE_DIR / "model_card.json", card)
     (SERVE_DIR / "MODEL_CARD.md").write_text(card_markdown(card))
     write_serve_config(SERVE_DIR / "serve_config.yaml", config)
     if edge_onnx is not None:  # what `resops edge` runs on a device: the int8 model and its calibration
@@ -727,8 +727,8 @@ def calibrate(p: Params) -> dict:
                "val_cascade_accuracy": cal["threshold"]["cascade_accuracy"],
                "val_cloud_accuracy": cal["threshold"]["cloud_accuracy"], **{f"test_{k}": v for k, v in cal["test"].items()
                                                                            if k not in ("n", "threshold")}}
-    _write_json(METRICS / "serve.json", metrics)
-    _say(f"calibrate: edge T={cal['edge']['temperature']:.2f} (ECE {cal['edge']['ece_before']:.3f} -> "
+    write_json(METRICS / "serve.json", metrics)
+    say(f"calibrate: edge T={cal['edge']['temperature']:.2f} (ECE {cal['edge']['ece_before']:.3f} -> "
          f"{cal['edge']['ece_after']:.3f}), cloud T={cal['cloud']['temperature']:.2f}; threshold {threshold:.3f} "
          f"({c['target']} {c['value']}): val escalation {cal['threshold']['escalation_rate']:.2f}; test cascade "
          f"accuracy {cal['test']['cascade_accuracy']:.3f} vs cloud {cal['test']['cloud_accuracy']:.3f}, "
@@ -751,7 +751,7 @@ def report(p: Params) -> dict:
                         model_name=str(p("model.name")) + (f", selected epoch {train['selected_epoch']}"
                                                            if train.get("selected_epoch") else ""),
                         extra_pictures=_extra_pictures(p))
-    _say(f"report: {path} ({len(list(REPORT_DIR.iterdir()))} files; open it in a browser, no network needed)")
+    say(f"report: {path} ({len(list(REPORT_DIR.iterdir()))} files; open it in a browser, no network needed)")
     return {"report": str(path)}
 
 

@@ -15,21 +15,25 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pandas as pd
 import pytest
 import yaml
 
 from components.data.images import encode_png
 from tests.conftest import free_port
+from tests.wandb_offline import history as wandb_history
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ["ingest", "prepare", "augment", "gan", "rebalance", "train", "prune", "evaluate", "promote", "calibrate",
           "report"]
 AFTER_TRAIN = ["train", "prune", "evaluate", "promote", "calibrate", "report"]
+# Enough images and steps that the tiny model learns the synthetic classes (the learning floor below).
+NUM_IMAGES, EPOCHS = 240, 8
 TINY = {
     "data.dataset": "synthetic", "data.task": "multiclass",
-    "data.synthetic": {"num_images": 160, "image_size": 32, "num_classes": 2, "imbalance": 0.7},
-    "model.image_size": 32, "train.epochs": 3, "train.batch_size": 16, "train.threads_per_worker": 1,
-    "train.shuffle_buffer": 0, "prune.finetune_max_steps": 3, "evaluate.batch_size": 32,
+    "data.synthetic": {"num_images": NUM_IMAGES, "image_size": 32, "num_classes": 2, "imbalance": 0.7},
+    "model.image_size": 32, "train.epochs": EPOCHS, "train.batch_size": 16, "train.threads_per_worker": 1,
+    "train.shuffle_buffer": 0, "prune.finetune_max_steps": 30, "evaluate.batch_size": 32,
     "gan.image_size": 16, "gan.epochs": 2, "gan.batch_size": 16, "gan.z_dim": 16, "gan.base_channels": 8,
     "gan.threads_per_worker": 1, "gan.quality.samples_per_class": 8, "gan.quality.image_size": 16,
     "gan.quality.epochs": 2, "prune.quantize.calibration_images": 32,
@@ -74,6 +78,9 @@ def copy_pipeline(proj: Path, params: dict | None = None) -> None:
     (proj / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
 
 
+# Balanced accuracy the tiny run must reach on its test split (chance: 0.5), for the full model and the
+# pruned / int8 edge models.
+LEARNING_FLOOR = {"full": 0.8, "edge": 0.7}
 FEEDBACK = "data/extra/fb"  # labelled feedback the project's training split takes in (data.extra)
 FEEDBACK_IMAGES = 12
 SERVED: dict = {}  # what the project fixture's feedback store held (sha256s) and which file a person moved
@@ -143,11 +150,20 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
     for drawn in ("prepare: 100%|", "train: 100%|", "prune fine-tune (", "evaluate (full)", "calibrate ("):
         assert drawn in out, f"no {drawn!r} progress bar:\n{out[-3000:]}"
     report = json.loads((proj / "data/prepared/report.json").read_text())
-    assert report["num_prepared"] == 160 + FEEDBACK_IMAGES
+    assert report["num_prepared"] == NUM_IMAGES + FEEDBACK_IMAGES
     assert len(list((proj / "data/prepared/shards").glob("*.parquet"))) >= 1
     train = json.loads((proj / "metrics/train.json").read_text())
-    assert train["epochs_run"] == 3 and train["resumed_from_epoch"] == 0
-    assert len((proj / "plots/train_history.csv").read_text().strip().splitlines()) == 1 + 3
+    assert train["epochs_run"] == EPOCHS and train["resumed_from_epoch"] == 0
+    assert len((proj / "plots/train_history.csv").read_text().strip().splitlines()) == 1 + EPOCHS
+    # wandb (offline, as the fixture sets WANDB_MODE) logged every epoch's metrics: read back from its run file
+    history = pd.read_csv(proj / "plots/train_history.csv")
+    run_files = sorted(proj.rglob(f"run-{train['run_name']}.wandb"))
+    assert run_files, f"no wandb run file for {train['run_name']} under {proj}: {sorted(proj.rglob('*.wandb'))}"
+    logged = wandb_history(run_files[-1])
+    assert [r["_step"] for r in logged] == list(range(1, EPOCHS + 1)), logged
+    for row, (_, epoch) in zip(logged, history.iterrows()):
+        for key in ("train_loss", "val_accuracy", "val_macro_f1"):
+            assert row[key] == pytest.approx(epoch[key]), (key, row, dict(epoch))
     prune = json.loads((proj / "metrics/prune.json").read_text())  # the default edge model: structured + int8
     assert prune["method"] == "structured" and prune["distill"]["enabled"]
     assert abs(prune["macs_after"] / prune["macs_before"] - 0.5) < 0.05
@@ -158,6 +174,11 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
         assert ev[model]["num_samples"] == report["num_prepared"] - sum(report["counts"]["train"].values()) \
             - sum(report["counts"]["val"].values())
         assert 0.0 <= ev[model]["macro_f1"] <= 1.0
+    # The synthetic classes (clean cell / cell with a dark crack line) are easy: a model that learned
+    # nothing scores 0.5 balanced accuracy (chance with 2 classes), a broken loop fails here.
+    print("e2e balanced accuracy:", {m: round(ev[m]["balanced_accuracy"], 3) for m in ev})
+    assert ev["full"]["balanced_accuracy"] >= LEARNING_FLOOR["full"], ev["full"]
+    assert min(ev["pruned"]["balanced_accuracy"], ev["int8"]["balanced_accuracy"]) >= LEARNING_FLOOR["edge"], ev
     for picture in ("gradcam_full.png", "gradcam_pruned.png"):  # Grad-CAM grids of the torch models
         assert (proj / "reports/evaluation" / picture).stat().st_size > 0
     # report: one page, every file it shows beside it, the curves drawn (SVG), the Grad-CAM grids in it.
@@ -213,13 +234,12 @@ def test_repro_runs_every_stage_and_writes_outputs(repro):
 def test_feedback_reaches_the_training_split_only_and_the_registry_names_its_version(repro):
     """The loop's last command (`dvc repro` with data.extra): serving's feedback, exported and corrected, is in
     the training rows and nowhere else; val and test are the real images' split as before."""
-    import pandas as pd
 
     proj, _, _ = repro
     manifest = pd.read_parquet(proj / "data/prepared/manifest.parquet")
     fb, real = manifest[manifest["source"] == "feedback"], manifest[manifest["source"] == "real"]
     assert len(fb) == FEEDBACK_IMAGES and set(fb["split"]) == {"train"} and set(fb["sha256"]) == set(SERVED["shas"])
-    assert len(real) == 160 and set(real["split"]) == {"train", "val", "test"}
+    assert len(real) == NUM_IMAGES and set(real["split"]) == {"train", "val", "test"}
     attrs = [json.loads(a) for a in fb["attrs"]]
     assert all(a["extra_dir"] == FEEDBACK and a["reason"] == "escalated" for a in attrs)
     moved = fb[fb["path"].str.endswith(SERVED["moved"])]
@@ -438,7 +458,6 @@ def test_gan_rows_and_an_unstructured_sparse_edge_model_end_to_end(repro):
     gan = json.loads((proj / "metrics/gan.json").read_text())
     assert gan["enabled"] and gan["epochs"] == 2 and gan["quality"]["fd"] >= 0
     assert (proj / "reports/gan/samples.png").stat().st_size > 0
-    import pandas as pd
 
     rows = pd.read_parquet(proj / "data/rebalanced/shards")
     fake = rows[rows["source"] == "gan"]

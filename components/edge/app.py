@@ -12,7 +12,7 @@ returned with ``degraded: true`` and the reason, and the image goes to the outbo
 in the background once the cloud answers again. After a failure the runtime stops calling the cloud
 (answers degraded at once) until a resend succeeds, so an outage does not add the timeout to every
 request. Inputs the cloud refuses for good (413/415/422) are not queued. Requests are read and
-refused exactly as the Serve app does (components.serve.http).
+refused exactly as the Serve app does (components.http.requests).
 
     GET /healthz   the local model is loaded -> the cloud link and the outbox (200 with or without the cloud)
     GET /models    the edge model, its calibration and threshold, the cloud URL
@@ -37,9 +37,9 @@ from components.edge.model import EdgeModel
 from components.edge.outbox import Outbox
 from components.feedback import FeedbackRecorder, FeedbackSettings
 from components.feedback.drift import DriftMonitor, input_histograms, load_reference
-from components.serve.http import (PREDICT_BODY, PREDICT_PARAMS, BadRequest, RequestReader, answer, error,
+from components.http.requests import (PREDICT_BODY, PREDICT_PARAMS, BadRequest, RequestReader, answer, error,
                                    install_error_handlers, parse_mode, parse_threshold, refused)
-from components.serve.schema import (MODES, PREDICT_ERRORS, BatchPredictResponse, CloudLink, EdgeHealthResponse,
+from components.http.schema import (MODES, PREDICT_ERRORS, BatchPredictResponse, CloudLink, EdgeHealthResponse,
                                      ErrorResponse, OutboxStats, PredictResponse)
 
 # The cloud refused the image itself: resending would be refused again.

@@ -15,7 +15,7 @@ import numpy as np
 
 from components.data.images import ImageDecodeError, decode_image
 from components.edge.bundle import EdgeBundle
-from components.serve.http import check_image_header, decode_error
+from components.http.requests import check_image_header, decode_error
 
 
 def _area_weights(n_in: int, n_out: int) -> np.ndarray:

@@ -1,11 +1,11 @@
 """Ray Serve deployments (``EdgeClassifier`` and ``CloudClassifier`` tiers behind a FastAPI ``Router``),
-the HTTP schema and the Serve config file.
+and the Serve config file (the HTTP schemas are in ``components.http.schema``, re-exported here).
 
 ``build_app`` and ``app_builder`` live in ``components.serve.app``, the config functions in
-``components.serve.config``; they are imported lazily here so that ``components.serve.schema``
+``components.serve.config``; they are imported lazily here so that ``components.http.schema``
 can be used without importing Ray Serve.
 """
-from components.serve.schema import (MODES, BatchPredictResponse, ErrorResponse, HealthResponse, ModelsResponse,
+from components.http.schema import (MODES, BatchPredictResponse, ErrorResponse, HealthResponse, ModelsResponse,
                                      PredictResponse, TierInfo)
 
 _LAZY = {"build_app": "app", "app_builder": "app", "build_serve_config": "config", "deploy_config": "config",

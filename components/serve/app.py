@@ -66,10 +66,10 @@ from ray.serve.handle import DeploymentHandle
 from components.data.images import ImageDecodeError
 from components.feedback.drift import DriftMonitor, input_histograms, load_reference
 from components.registry import file_sha256
-from components.serve.http import (PREDICT_BODY, PREDICT_PARAMS, STATUS_OF_REASON, UNDECODABLE, UNSUPPORTED, BadRequest,
+from components.http.requests import (PREDICT_BODY, PREDICT_PARAMS, STATUS_OF_REASON, UNDECODABLE, UNSUPPORTED, BadRequest,
                                    RequestReader, answer, check_image_header, decode_error, error,
                                    install_error_handlers, parse_mode, parse_threshold, refused)
-from components.serve.schema import (DETECT_ERRORS, EXPLAIN_ERRORS, MODES, PREDICT_ERRORS, SIGNAL_ERRORS,
+from components.http.schema import (DETECT_ERRORS, EXPLAIN_ERRORS, MODES, PREDICT_ERRORS, SIGNAL_ERRORS,
                                      BatchDetectResponse, BatchPredictResponse, DetectResponse, ErrorResponse,
                                      ExplainResponse, HealthResponse, ModelsResponse, PredictResponse,
                                      SignalPredictResponse)
@@ -884,7 +884,7 @@ def _tier_options(options: dict | None, max_batch_size: int) -> dict:
     return out
 
 
-def _resolve(path: str | None, base_dir: str | None) -> str | None:
+def resolve_path(path: str | None, base_dir: str | None) -> str | None:
     if not path:
         return None
     p = Path(path)
@@ -936,9 +936,9 @@ def plan_app(cloud_model: str, edge_model: str | None = None, *, edge_onnx: str 
     stage's drift reference file, ``threshold``, ``embed_rate``, ``check_every``) adds the drift watch of
     ``GET /drift``.
     """
-    cloud_model = _resolve(cloud_model, base_dir)
-    edge_model = _resolve(edge_model, base_dir) or cloud_model
-    edge_onnx = _resolve(edge_onnx, base_dir)
+    cloud_model = resolve_path(cloud_model, base_dir)
+    edge_model = resolve_path(edge_model, base_dir) or cloud_model
+    edge_onnx = resolve_path(edge_onnx, base_dir)
     temperatures = dict(temperatures or {})
     if default_mode not in MODES:
         raise ValueError(f"default_mode must be one of {', '.join(MODES)}, got {default_mode!r}")
@@ -1044,7 +1044,7 @@ def _feedback(feedback: dict | None, base_dir: str | None) -> dict | None:
     settings = dict(feedback)
     FeedbackSettings.from_dict(settings)
     if settings.get("enabled") and not is_uri(settings["location"]):
-        settings["location"] = _resolve(settings["location"], base_dir)
+        settings["location"] = resolve_path(settings["location"], base_dir)
     return settings
 
 
@@ -1056,7 +1056,7 @@ def _drift(drift: dict | None, base_dir: str | None) -> dict | None:
     unknown = set(drift) - {"reference", "threshold", "embed_rate", "check_every"}
     if unknown:
         raise ValueError(f"unknown drift options {sorted(unknown)}")
-    path = _resolve(drift["reference"], base_dir)
+    path = resolve_path(drift["reference"], base_dir)
     if not Path(path).exists():
         raise FileNotFoundError(f"drift reference {path} does not exist: run the calibrate stage (`dvc repro`) "
                                 "or set serve.drift.enabled: false")

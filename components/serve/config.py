@@ -54,9 +54,9 @@ def build_serve_config(args: dict, *, host: str = "127.0.0.1", port: int = 8000,
     _, deployments = app_plan(copy.deepcopy(args))
     if not args.get("files_sha256"):  # pin the files the config was written for
         from components.registry import file_sha256
-        from components.serve.app import _resolve
+        from components.serve.app import resolve_path
 
-        paths = [_resolve(args.get(k), args.get("base_dir")) for k in ("cloud_model", "edge_model", "edge_onnx")]
+        paths = [resolve_path(args.get(k), args.get("base_dir")) for k in ("cloud_model", "edge_model", "edge_onnx")]
         args["files_sha256"] = {Path(p).name: file_sha256(p) for p in paths if p}
     config = {
         "proxy_location": "EveryNode",

@@ -82,6 +82,11 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
 
     cfg = dict(cfg, online_policy=online_policy)
     cfg.setdefault("run_name", run_name(cfg, data_digest))
+    wb = cfg.get("wandb") or {}
+    if wb.get("dir") and not Path(wb["dir"]).is_absolute():
+        # relative to the project (the caller's directory), not to the worker's: Ray Train starts its
+        # workers in its own session folder, where a relative wandb.dir would bury the runs
+        cfg["wandb"] = dict(wb, dir=str(Path(wb["dir"]).resolve()))
     common = dict(image_size=cfg["image_size"], in_chans=cfg["in_chans"], cpus_per_task=data_cpus,
                   batch_size=cfg["batch_size"])
     if model_task(cfg["model_name"]) == "detect":  # same Ray Train run, the detector's data and loop

@@ -22,7 +22,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from components.data.images import ImageDecodeError
-from components.serve.schema import MODES
+from components.http.schema import MODES
 
 UNDECODABLE, TOO_LARGE, TOO_SMALL, UNSUPPORTED = "undecodable", "too_large", "too_small", "unsupported"
 STATUS_OF_REASON = {UNDECODABLE: 415, TOO_LARGE: 413, TOO_SMALL: 422, UNSUPPORTED: 501}
