@@ -48,6 +48,7 @@ import statistics
 import tempfile
 import time
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import common  # benchmarks/common.py (also puts the repository root on sys.path)
@@ -279,8 +280,8 @@ def nonzero_macs(model: torch.nn.Module, image_size: int, in_chans: int) -> int:
     return total
 
 
-# ------------------------------------------------------------------------------ main
-def main() -> None:
+# ------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     src = ap.add_argument_group("full model")
     src.add_argument("--full-model", default=None, help="a resops model.pt to compress (skips training)")
@@ -324,7 +325,11 @@ def main() -> None:
     lat.add_argument("--throughput-runs", type=int, default=20, help="timed batch-32 runs")
     ap.add_argument("--work", default=None, help="work dir (prepared ELPV cached there, model files kept); default a temp dir")
     ap.add_argument("--out", default=str(RESULTS / "prune.json"))
-    args = ap.parse_args()
+    return ap
+
+
+def check_args(ap: argparse.ArgumentParser, args) -> tuple[list[float], list[float], list[int]]:
+    """(sparsities, ratios, threads) parsed; the options checked against each other (``ap.error``)."""
     try:
         sparsities = parse_floats(args.sparsities, "--sparsities")
         ratios = parse_floats(args.ratios, "--ratios")
@@ -341,235 +346,313 @@ def main() -> None:
         say(f"WARNING: --latency-runs {args.latency_runs} < 50: a smoke setting, not a result")
     if args.distill_compare and args.no_distill:
         say("--distill-compare with --no-distill: the main rows are the undistilled ones")
-    distill_main = not args.no_distill
-    structured_arms = [distill_main, not distill_main] if args.distill_compare else [distill_main]
+    return sparsities, ratios, threads
+
+
+def environment(args) -> dict:
     common.setup_environment()
     env = environment_info() | {"versions": versions(), "cpu_info": cpu_info()}
     if "avx512_vnni" not in env["cpu_info"]["flags"] and "avx_vnni" not in env["cpu_info"]["flags"] \
             and not args.reduce_range:
         say("WARNING: no VNNI on this CPU; ONNX Runtime's u8s8 kernels may saturate: consider --reduce-range")
-    t_start = time.perf_counter()
+    return env
 
-    with tempfile.TemporaryDirectory(prefix="resops-bench-prune-") as tmp:
-        work = Path(args.work or tmp)
-        prepared = prepared_elpv(work, "4class", SPLIT_SEED)
-        names = class_names(prepared)
-        prepared_digest = json.loads((prepared / "report.json").read_text()).get("data_digest")
 
-        full_path, why = choose_full_model(args, names)
-        full_info: dict = {"source": why}
-        if full_path is not None:
-            meta = check_full_model(full_path, names)
-            if args.image_size is not None and args.image_size != meta["image_size"]:
-                ap.error(f"--image-size {args.image_size} differs from {full_path}'s {meta['image_size']}")
-            args.image_size = meta["image_size"]
-        elif args.image_size is None:
-            args.image_size = 64
-        say(f"full model: {full_path or 'trained here'} ({why}); image size {args.image_size}")
+# ------------------------------------------------------------------------------ one run
+@dataclass
+class Bench:
+    """What the rows of one run share: the options, the data, the full model and the rows built so far."""
 
-        train_frame = elpv_frame(prepared, "train")
-        train = stratified_subset(train_frame, args.max_train_images, SPLIT_SEED)
-        run_dir = work / f"prune-{time.strftime('%Y%m%d-%H%M%S')}"
-        train_dir = run_dir / "train-shards"
-        data = rebalanced_train_shards(train, train_dir, len(names), seed=SPLIT_SEED)
-        data["train_images_before_oversampling"] = len(train)
-        say(f"training set: {len(train)} images {label_counts(train)} -> oversampled {data['counts_after']}")
-        calib_frame = stratified_subset(train_frame, args.calibration_images, args.seed)
-        calib_dir = write_split_shards(calib_frame, run_dir / "calibration-shards")
-        data["calibration"] = {"images": len(calib_frame), "counts": label_counts(calib_frame),
-                               "from": "prepared training split (all of it, not the --max-train-images subset), "
-                                       "stratified on the label, seeded by --seed; no augmentation"}
+    args: argparse.Namespace
+    prepared: Path
+    names: list[str]
+    prepared_digest: str | None
+    full_path: Path | None  # None until trained here (obtain_full_model); then the run directory's copy
+    full_info: dict
+    run_dir: Path
+    train_dir: Path
+    calib_dir: Path
+    data: dict
+    rows: list[dict] = field(default_factory=list)  # one per table row; "files" / "kind" drive the cost measurement
+    errors: list[dict] = field(default_factory=list)
+    structured_files: dict[float, Path] = field(default_factory=dict)  # ratio -> the main arm's file
+    meta: dict = field(default_factory=dict)  # the full model's
+    teacher: torch.nn.Module | None = None
+    test_x: np.ndarray | None = None  # test split as arrays, for the ONNX rows
+    test_y: np.ndarray | None = None
 
-        rows: list[dict] = []  # one per table row; "files" / "kind" drive the cost measurement
-        errors: list[dict] = []
+    @property
+    def distill_main(self) -> bool:
+        return not self.args.no_distill
 
-        def attempt(label: str, fn) -> None:
-            """Build one row; a failure is recorded and the benchmark goes on with the others."""
-            t0 = time.perf_counter()
-            try:
-                fn()
-            except Exception as exc:  # noqa: BLE001: report and keep the other rows
-                say(f"ERROR in {label}: {type(exc).__name__}: {exc}")
-                errors.append({"row": label, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
-            say(f"{label}: {time.perf_counter() - t0:.0f} s")
+    @property
+    def structured_arms(self) -> list[bool]:
+        return [self.distill_main, not self.distill_main] if self.args.distill_compare else [self.distill_main]
 
-        start_ray()
+    @property
+    def image_size(self) -> int:
+        return self.meta["image_size"]
+
+    @property
+    def in_chans(self) -> int:
+        return self.meta["in_chans"]
+
+    def attempt(self, label: str, fn) -> None:
+        """Build one row; a failure is recorded and the benchmark goes on with the others."""
+        t0 = time.perf_counter()
         try:
-            # ------------------------------------------------------------------ the full model
-            if full_path is None:
-                say(f"training the full model: {args.model}, {args.epochs} epochs at {args.image_size}px, seed {args.seed}")
-                cfg = train_config(args.model, names, args.image_size, args.epochs, args.seed)
-                tr = train_model(cfg, train_dir, prepared / "shards", run_dir / "full.pt", run_dir / "ray-storage")
-                full_path = Path(tr["model_path"])
-                full_info.update(trained_here=True, train_config={k: v for k, v in cfg.items() if k not in ("wandb",)},
-                                 train_wall_seconds=tr["wall_seconds"], history=tr["history"])
-            else:
-                # a copy: another `dvc repro` on this machine may rewrite models/train/model.pt meanwhile
-                full_info.update(trained_here=False, original_path=str(full_path),
-                                 original_mtime_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                  time.gmtime(full_path.stat().st_mtime)))
-                if full_path.resolve() == PIPELINE_MODEL.resolve():
-                    if PIPELINE_TRAIN_METRICS.exists():
-                        full_info["pipeline_train_metrics"] = json.loads(PIPELINE_TRAIN_METRICS.read_text())
-                    if PIPELINE_PREPARED_REPORT.exists():  # the split it was trained on: the same as ours?
-                        pipe_digest = json.loads(PIPELINE_PREPARED_REPORT.read_text()).get("data_digest")
-                        full_info["pipeline_prepared_data_digest"] = pipe_digest
-                        full_info["same_split_as_pipeline"] = pipe_digest == prepared_digest
-                        if pipe_digest != prepared_digest:
-                            say("WARNING: data/prepared is not this benchmark's ELPV split: the full model may have "
-                                "seen test images in training")
-                full_path = Path(shutil.copy2(full_path, run_dir / "full.pt"))
-            full_model, meta = load_model(full_path)
-            full_info.update(path=str(full_path), sha256=file_sha256(full_path), meta=meta)
-            image_size, in_chans = meta["image_size"], meta["in_chans"]
-            example = torch.zeros(1, in_chans, image_size, image_size)
-            teacher = full_model.eval().to(memory_format=torch.channels_last)
-            m = evaluate_model_file(full_path, prepared / "shards", "test")
-            say(f"full model: test accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
-            rows.append({"name": "full", "kind": "full", "runtime": "torch", "file": str(full_path),
-                         "file_format": ".pt", "distilled": None, "test": m})
-            test_x = test_y = None
-            if not args.no_int8:
-                test_x, test_y = split_arrays(prepared / "shards", "test", meta)
+            fn()
+        except Exception as exc:  # noqa: BLE001: report and keep the other rows
+            say(f"ERROR in {label}: {type(exc).__name__}: {exc}")
+            self.errors.append({"row": label, "error": f"{type(exc).__name__}: {exc}",
+                                "traceback": traceback.format_exc()})
+        say(f"{label}: {time.perf_counter() - t0:.0f} s")
 
-            # ------------------------------------------------------------------ unstructured
-            for s in sparsities:
-                def build_unstructured(s=s) -> None:
-                    from components.models.checkpoint import save_sparse
-                    from components.prune import magnitude_step, make_permanent, sparsity_report
+    def finetune(self, model: torch.nn.Module, distill: bool, label: str) -> list[dict]:
+        return finetune(model, self.teacher, self.train_dir, self.meta, self.args, distill, label)
 
-                    model, _ = load_model(full_path)
-                    model = model.to(memory_format=torch.channels_last)
-                    magnitude_step(model, 0.0, s, scope="global", include_fc=False)  # leaves it contiguous
-                    model = model.to(memory_format=torch.channels_last)  # as the prune stage, for the fine-tune
-                    hist = finetune(model, teacher, train_dir, meta, args, distill_main, f"unstructured {s}")
-                    make_permanent(model)
-                    rep = sparsity_report(model, include_fc=False)
-                    pmeta = dict(meta, pruning={"method": "magnitude_unstructured", "scope": "global", "sparsity": s,
-                                                "steps": 1, "include_fc": False})
-                    path = save_sparse(run_dir / f"unstructured-{s}.npz", model, pmeta)
-                    mt = evaluate_model_file(path, prepared / "shards", "test")
-                    say(f"unstructured {s}: sparsity {rep['target_sparsity_measured']:.3f}, test accuracy "
-                        f"{mt['accuracy']:.3f}, macro-F1 {mt['macro_f1']:.3f}")
-                    rows.append({"name": f"unstructured {s:g}", "kind": "unstructured", "sparsity": s,
-                                 "runtime": "torch", "file": str(path), "file_format": ".npz (sparse)",
-                                 "distilled": distill_main, "sparsity_report": rep, "finetune": hist, "test": mt})
 
-                attempt(f"unstructured {s}", build_unstructured)
+def resolve_full_model(ap: argparse.ArgumentParser, args, names: list[str]) -> tuple[Path | None, dict]:
+    """The full model's file (None: train it here) and ``full_info``; settles ``args.image_size``."""
+    full_path, why = choose_full_model(args, names)
+    full_info: dict = {"source": why}
+    if full_path is not None:
+        meta = check_full_model(full_path, names)
+        if args.image_size is not None and args.image_size != meta["image_size"]:
+            ap.error(f"--image-size {args.image_size} differs from {full_path}'s {meta['image_size']}")
+        args.image_size = meta["image_size"]
+    elif args.image_size is None:
+        args.image_size = 64
+    say(f"full model: {full_path or 'trained here'} ({why}); image size {args.image_size}")
+    return full_path, full_info
 
-            # ------------------------------------------------------------------ structured
-            structured_files: dict[float, Path] = {}
-            for r in ratios:
-                def build_structured(r=r) -> None:
-                    from components.models.checkpoint import save_structured
-                    from components.prune import structured_prune
 
-                    pruned, _ = load_model(full_path)
-                    pruned = pruned.to(memory_format=torch.channels_last)
-                    t0 = time.perf_counter()
-                    rep = structured_prune(pruned, example, target="macs", ratio=r, importance=args.importance,
-                                           global_pruning=args.global_pruning, round_to=args.round_to, seed=args.seed)
-                    prune_seconds = time.perf_counter() - t0
-                    say(rep.summary())
-                    pruned = pruned.to(memory_format=torch.channels_last)
-                    for distill in structured_arms:
-                        model = copy.deepcopy(pruned)
-                        tag = "" if distill == distill_main else (" (no distill)" if not distill else " (distilled)")
-                        hist = finetune(model, teacher, train_dir, meta, args, distill, f"structured {r}{tag}")
-                        path = save_structured(run_dir / f"structured-{r}{'-kd' if distill else '-ce'}.pt", model,
-                                               meta, rep)
-                        mt = evaluate_model_file(path, prepared / "shards", "test")
-                        say(f"structured {r}{tag}: test accuracy {mt['accuracy']:.3f}, macro-F1 {mt['macro_f1']:.3f}")
-                        if distill == distill_main:
-                            structured_files[r] = path
-                        rows.append({"name": f"structured {r:g}{tag}", "kind": "structured", "ratio": r,
-                                     "runtime": "torch", "file": str(path), "file_format": ".pt",
-                                     "distilled": distill, "main_arm": distill == distill_main,
-                                     "structured_report": rep.as_dict(), "prune_seconds": prune_seconds,
-                                     "finetune": hist, "test": mt})
+def prepare_run(ap: argparse.ArgumentParser, args, work: Path) -> Bench:
+    """The prepared ELPV split, the full model's choice, the oversampled training and the calibration shards."""
+    prepared = prepared_elpv(work, "4class", SPLIT_SEED)
+    names = class_names(prepared)
+    prepared_digest = json.loads((prepared / "report.json").read_text()).get("data_digest")
+    full_path, full_info = resolve_full_model(ap, args, names)
 
-                attempt(f"structured {r}", build_structured)
+    train_frame = elpv_frame(prepared, "train")
+    train = stratified_subset(train_frame, args.max_train_images, SPLIT_SEED)
+    run_dir = work / f"prune-{time.strftime('%Y%m%d-%H%M%S')}"
+    train_dir = run_dir / "train-shards"
+    data = rebalanced_train_shards(train, train_dir, len(names), seed=SPLIT_SEED)
+    data["train_images_before_oversampling"] = len(train)
+    say(f"training set: {len(train)} images {label_counts(train)} -> oversampled {data['counts_after']}")
+    calib_frame = stratified_subset(train_frame, args.calibration_images, args.seed)
+    calib_dir = write_split_shards(calib_frame, run_dir / "calibration-shards")
+    data["calibration"] = {"images": len(calib_frame), "counts": label_counts(calib_frame),
+                           "from": "prepared training split (all of it, not the --max-train-images subset), "
+                                   "stratified on the label, seeded by --seed; no augmentation"}
+    return Bench(args=args, prepared=prepared, names=names, prepared_digest=prepared_digest, full_path=full_path,
+                 full_info=full_info, run_dir=run_dir, train_dir=train_dir, calib_dir=calib_dir, data=data)
 
-            # ------------------------------------------------------------------ int8
-            if not args.no_int8:
-                calib_x, calib_y = split_arrays(calib_dir, "train", meta, limit=args.calibration_images)
-                data["calibration"]["images_used"] = int(len(calib_x))
 
-                def build_int8(label: str, ref_label: str, kind: str, source: Path, distilled, **extra) -> None:
-                    from components.prune import export_onnx, quantize_onnx
+# ------------------------------------------------------------------------------ the rows
+def obtain_full_model(b: Bench) -> None:
+    """Train the full model here, or copy the chosen file into the run directory (``b.full_path``)."""
+    args, full_info, full_path = b.args, b.full_info, b.full_path
+    if full_path is None:
+        say(f"training the full model: {args.model}, {args.epochs} epochs at {args.image_size}px, seed {args.seed}")
+        cfg = train_config(args.model, b.names, args.image_size, args.epochs, args.seed)
+        tr = train_model(cfg, b.train_dir, b.prepared / "shards", b.run_dir / "full.pt", b.run_dir / "ray-storage")
+        full_path = Path(tr["model_path"])
+        full_info.update(trained_here=True, train_config={k: v for k, v in cfg.items() if k not in ("wandb",)},
+                         train_wall_seconds=tr["wall_seconds"], history=tr["history"])
+    else:
+        # a copy: another `dvc repro` on this machine may rewrite models/train/model.pt meanwhile
+        full_info.update(trained_here=False, original_path=str(full_path),
+                         original_mtime_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                          time.gmtime(full_path.stat().st_mtime)))
+        if full_path.resolve() == PIPELINE_MODEL.resolve():
+            if PIPELINE_TRAIN_METRICS.exists():
+                full_info["pipeline_train_metrics"] = json.loads(PIPELINE_TRAIN_METRICS.read_text())
+            if PIPELINE_PREPARED_REPORT.exists():  # the split it was trained on: the same as ours?
+                pipe_digest = json.loads(PIPELINE_PREPARED_REPORT.read_text()).get("data_digest")
+                full_info["pipeline_prepared_data_digest"] = pipe_digest
+                full_info["same_split_as_pipeline"] = pipe_digest == b.prepared_digest
+                if pipe_digest != b.prepared_digest:
+                    say("WARNING: data/prepared is not this benchmark's ELPV split: the full model may have "
+                        "seen test images in training")
+        full_path = Path(shutil.copy2(full_path, b.run_dir / "full.pt"))
+    b.full_path = full_path
 
-                    model, _ = load_model(source)  # exactly what was saved
-                    stem = run_dir / label.replace(" ", "-").replace("+", "")
-                    t0 = time.perf_counter()
-                    fp32 = export_onnx(model, f"{stem}.onnx", image_size, in_chans,
-                                       dynamo=args.onnx_exporter == "dynamo")
-                    export_seconds = time.perf_counter() - t0
-                    t0 = time.perf_counter()
-                    batches = (calib_x[i:i + 32] for i in range(0, len(calib_x), 32))
-                    qr = quantize_onnx(fp32, f"{stem}.int8.onnx", batches, per_channel=True,
-                                       reduce_range=args.reduce_range, max_images=args.calibration_images)
-                    quant_seconds = time.perf_counter() - t0
-                    mt = evaluate_onnx_file(Path(qr.int8_path), test_x, test_y, names)
-                    say(f"{label}: ONNX {qr.float_bytes / 1e6:.1f} MB -> int8 {qr.int8_bytes / 1e6:.1f} MB, test "
-                        f"accuracy {mt['accuracy']:.3f}, macro-F1 {mt['macro_f1']:.3f}")
-                    common_fields = {"source_file": str(source), "distilled": distilled, "onnx_exporter":
-                                     args.onnx_exporter, "export_seconds": export_seconds, **extra}
-                    rows.append({"name": label, "kind": kind, "runtime": "onnxruntime", "file": qr.int8_path,
-                                 "file_format": ".onnx (int8 QDQ)", "quantization": qr.as_dict(),
-                                 "quantize_seconds": quant_seconds, "test": mt, **common_fields})
-                    if not args.no_onnx_float:
-                        mf = evaluate_onnx_file(fp32, test_x, test_y, names)
-                        rows.append({"name": ref_label,
-                                     "kind": "reference", "runtime": "onnxruntime", "file": str(fp32),
-                                     "file_format": ".onnx (float32)", "test": mf, **common_fields})
 
-                attempt("int8 (full)", lambda: build_int8("int8 (full)", "full ONNX fp32", "int8", full_path, None))
-                if args.int8_ratio:
-                    if args.int8_ratio in structured_files:
-                        r = args.int8_ratio
-                        attempt(f"structured {r:g} + int8",
-                                lambda: build_int8(f"structured {r:g} + int8", f"structured {r:g} ONNX fp32",
-                                                   "structured+int8", structured_files[r], distill_main, ratio=r))
-                    else:
-                        errors.append({"row": f"structured {args.int8_ratio:g} + int8",
-                                       "error": "the structured model of that ratio failed"})
-        finally:
-            stop_ray()  # the cost measurement below runs with no Ray process of ours alive
+def add_full_row(b: Bench) -> None:
+    """The full model's row; it is also the teacher of the distilled fine-tunes."""
+    full_model, meta = load_model(b.full_path)
+    b.full_info.update(path=str(b.full_path), sha256=file_sha256(b.full_path), meta=meta)
+    b.meta = meta
+    b.teacher = full_model.eval().to(memory_format=torch.channels_last)
+    m = evaluate_model_file(b.full_path, b.prepared / "shards", "test")
+    say(f"full model: test accuracy {m['accuracy']:.3f}, macro-F1 {m['macro_f1']:.3f}")
+    b.rows.append({"name": "full", "kind": "full", "runtime": "torch", "file": str(b.full_path),
+                   "file_format": ".pt", "distilled": None, "test": m})
+    if not b.args.no_int8:
+        b.test_x, b.test_y = split_arrays(b.prepared / "shards", "test", meta)
 
-        # ---------------------------------------------------------------------- CPU cost
-        if os.getloadavg()[0] > 1.0:
-            say(f"WARNING: load average {os.getloadavg()[0]:.2f} before the latency measurement: other work on this "
-                f"machine skews it (recorded per measurement in the JSON)")
-        for row in rows:
-            path = Path(row["file"])
-            row["file_bytes"] = path.stat().st_size
-            say(f"measuring {row['name']} on the CPU ({threads} threads, load average {os.getloadavg()[0]:.2f})")
-            if row["runtime"] == "torch":
-                model, _ = load_model(path)
-                row["params"] = count_parameters(model)
-                row["macs"] = count_macs(model, image_size, in_chans)
-                if row["kind"] == "unstructured":
-                    row["nonzero_params"] = row["sparsity_report"]["nonzero_params"]
-                    row["macs_nonzero"] = nonzero_macs(model, image_size, in_chans)
-                row["cpu"] = {str(t): torch_latency(model, image_size, in_chans, t, args) for t in threads}
-            else:
-                origin = next(r for r in rows if r["file"] == row["source_file"])  # measured before: rows come later
-                row["params"], row["macs"] = origin["params"], origin["macs"]
-                row["cpu"] = {str(t): onnx_latency(path, image_size, in_chans, t, args) for t in threads}
-        full_row = rows[0]
-        for row in rows:
-            row["speedup_vs_full"] = {str(t): full_row["cpu"][str(t)]["latency_ms_median"] /
-                                      row["cpu"][str(t)]["latency_ms_median"] for t in threads}
-            row["throughput_ratio_vs_full"] = {
-                str(t): row["cpu"][str(t)]["throughput_images_per_second_median"] /
-                full_row["cpu"][str(t)]["throughput_images_per_second_median"] for t in threads}
-            row["accuracy_cost_vs_full"] = {k: full_row["test"][k] - row["test"][k]
-                                            for k in ("accuracy", "balanced_accuracy", "macro_f1")}
 
-    # -------------------------------------------------------------------------- output
-    env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    env["load_average_at_end"] = os.getloadavg()
-    env["wall_seconds"] = time.perf_counter() - t_start
+def build_unstructured(b: Bench, s: float) -> None:
+    """Sparsity ``s``: the prune stage's ``unstructured`` edge builder (components/prune/edge.py) with one
+    global step, no fc layer, this benchmark's fine-tune; saved as ``unstructured-{s}.npz``."""
+    from components.prune import sparsity_report
+    from components.prune.edge import build_edge_model
+
+    model, _ = load_model(b.full_path)
+    model = model.to(memory_format=torch.channels_last)
+    settings = {"sparsity": s, "steps": 1, "scope": "global", "include_fc": False}
+    staging = b.run_dir / f"unstructured-{s}"  # the builder writes model.npz: moved to this benchmark's name
+    edge = build_edge_model("unstructured", model, b.meta, settings,
+                            lambda m, _: b.finetune(m, b.distill_main, f"unstructured {s}"),
+                            staging, b.full_path, b.args.seed)
+    path = edge.file.replace(b.run_dir / f"unstructured-{s}.npz")
+    staging.rmdir()
+    rep = sparsity_report(model, include_fc=False)  # the builder pruned `model` in place: what it saved
+    mt = evaluate_model_file(path, b.prepared / "shards", "test")
+    say(f"unstructured {s}: sparsity {rep['target_sparsity_measured']:.3f}, test accuracy "
+        f"{mt['accuracy']:.3f}, macro-F1 {mt['macro_f1']:.3f}")
+    b.rows.append({"name": f"unstructured {s:g}", "kind": "unstructured", "sparsity": s,
+                   "runtime": "torch", "file": str(path), "file_format": ".npz (sparse)",
+                   "distilled": b.distill_main, "sparsity_report": rep, "finetune": edge.finetune, "test": mt})
+
+
+def build_structured(b: Bench, r: float) -> None:
+    """MAC ratio ``r``: pruned once, fine-tuned per distillation arm (``--distill-compare``: both)."""
+    from components.models.checkpoint import save_structured
+    from components.prune import structured_prune
+
+    args = b.args
+    example = torch.zeros(1, b.in_chans, b.image_size, b.image_size)
+    pruned, _ = load_model(b.full_path)
+    pruned = pruned.to(memory_format=torch.channels_last)
+    t0 = time.perf_counter()
+    rep = structured_prune(pruned, example, target="macs", ratio=r, importance=args.importance,
+                           global_pruning=args.global_pruning, round_to=args.round_to, seed=args.seed)
+    prune_seconds = time.perf_counter() - t0
+    say(rep.summary())
+    pruned = pruned.to(memory_format=torch.channels_last)
+    for distill in b.structured_arms:
+        model = copy.deepcopy(pruned)
+        tag = "" if distill == b.distill_main else (" (no distill)" if not distill else " (distilled)")
+        hist = b.finetune(model, distill, f"structured {r}{tag}")
+        path = save_structured(b.run_dir / f"structured-{r}{'-kd' if distill else '-ce'}.pt", model,
+                               b.meta, rep)
+        mt = evaluate_model_file(path, b.prepared / "shards", "test")
+        say(f"structured {r}{tag}: test accuracy {mt['accuracy']:.3f}, macro-F1 {mt['macro_f1']:.3f}")
+        if distill == b.distill_main:
+            b.structured_files[r] = path
+        b.rows.append({"name": f"structured {r:g}{tag}", "kind": "structured", "ratio": r,
+                       "runtime": "torch", "file": str(path), "file_format": ".pt",
+                       "distilled": distill, "main_arm": distill == b.distill_main,
+                       "structured_report": rep.as_dict(), "prune_seconds": prune_seconds,
+                       "finetune": hist, "test": mt})
+
+
+def build_int8(b: Bench, calib_x: np.ndarray, label: str, ref_label: str, kind: str, source: Path, distilled,
+               **extra) -> None:
+    """ONNX export of ``source`` and its static int8 quantization (+ the float ONNX reference row)."""
+    from components.prune import export_onnx, quantize_onnx
+
+    args = b.args
+    model, _ = load_model(source)  # exactly what was saved
+    stem = b.run_dir / label.replace(" ", "-").replace("+", "")
+    t0 = time.perf_counter()
+    fp32 = export_onnx(model, f"{stem}.onnx", b.image_size, b.in_chans,
+                       dynamo=args.onnx_exporter == "dynamo")
+    export_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batches = (calib_x[i:i + 32] for i in range(0, len(calib_x), 32))
+    qr = quantize_onnx(fp32, f"{stem}.int8.onnx", batches, per_channel=True,
+                       reduce_range=args.reduce_range, max_images=args.calibration_images)
+    quant_seconds = time.perf_counter() - t0
+    mt = evaluate_onnx_file(Path(qr.int8_path), b.test_x, b.test_y, b.names)
+    say(f"{label}: ONNX {qr.float_bytes / 1e6:.1f} MB -> int8 {qr.int8_bytes / 1e6:.1f} MB, test "
+        f"accuracy {mt['accuracy']:.3f}, macro-F1 {mt['macro_f1']:.3f}")
+    common_fields = {"source_file": str(source), "distilled": distilled, "onnx_exporter":
+                     args.onnx_exporter, "export_seconds": export_seconds, **extra}
+    b.rows.append({"name": label, "kind": kind, "runtime": "onnxruntime", "file": qr.int8_path,
+                   "file_format": ".onnx (int8 QDQ)", "quantization": qr.as_dict(),
+                   "quantize_seconds": quant_seconds, "test": mt, **common_fields})
+    if not args.no_onnx_float:
+        mf = evaluate_onnx_file(fp32, b.test_x, b.test_y, b.names)
+        b.rows.append({"name": ref_label,
+                       "kind": "reference", "runtime": "onnxruntime", "file": str(fp32),
+                       "file_format": ".onnx (float32)", "test": mf, **common_fields})
+
+
+def add_int8_rows(b: Bench) -> None:
+    """``int8 (full)`` and ``structured --int8-ratio + int8``, calibrated on the calibration shards."""
+    args = b.args
+    calib_x, calib_y = split_arrays(b.calib_dir, "train", b.meta, limit=args.calibration_images)
+    b.data["calibration"]["images_used"] = int(len(calib_x))
+    b.attempt("int8 (full)", lambda: build_int8(b, calib_x, "int8 (full)", "full ONNX fp32", "int8", b.full_path, None))
+    if args.int8_ratio:
+        if args.int8_ratio in b.structured_files:
+            r = args.int8_ratio
+            b.attempt(f"structured {r:g} + int8",
+                      lambda: build_int8(b, calib_x, f"structured {r:g} + int8", f"structured {r:g} ONNX fp32",
+                                         "structured+int8", b.structured_files[r], b.distill_main, ratio=r))
+        else:
+            b.errors.append({"row": f"structured {args.int8_ratio:g} + int8",
+                             "error": "the structured model of that ratio failed"})
+
+
+def build_rows(b: Bench, sparsities: list[float], ratios: list[float]) -> None:
+    """Every model of the table, built and evaluated with Ray running; Ray is shut down at the end."""
+    start_ray()
+    try:
+        obtain_full_model(b)
+        add_full_row(b)
+        for s in sparsities:
+            b.attempt(f"unstructured {s}", lambda s=s: build_unstructured(b, s))
+        for r in ratios:
+            b.attempt(f"structured {r}", lambda r=r: build_structured(b, r))
+        if not b.args.no_int8:
+            add_int8_rows(b)
+    finally:
+        stop_ray()  # the cost measurement below runs with no Ray process of ours alive
+
+
+# ------------------------------------------------------------------------------ CPU cost of the rows
+def measure_rows(b: Bench, threads: list[int]) -> None:
+    """File size, parameters, MACs and CPU latency / throughput of every row, then the ratios to the full row."""
+    args, rows, image_size, in_chans = b.args, b.rows, b.image_size, b.in_chans
+    if os.getloadavg()[0] > 1.0:
+        say(f"WARNING: load average {os.getloadavg()[0]:.2f} before the latency measurement: other work on this "
+            f"machine skews it (recorded per measurement in the JSON)")
+    for row in rows:
+        path = Path(row["file"])
+        row["file_bytes"] = path.stat().st_size
+        say(f"measuring {row['name']} on the CPU ({threads} threads, load average {os.getloadavg()[0]:.2f})")
+        if row["runtime"] == "torch":
+            model, _ = load_model(path)
+            row["params"] = count_parameters(model)
+            row["macs"] = count_macs(model, image_size, in_chans)
+            if row["kind"] == "unstructured":
+                row["nonzero_params"] = row["sparsity_report"]["nonzero_params"]
+                row["macs_nonzero"] = nonzero_macs(model, image_size, in_chans)
+            row["cpu"] = {str(t): torch_latency(model, image_size, in_chans, t, args) for t in threads}
+        else:
+            origin = next(r for r in rows if r["file"] == row["source_file"])  # measured before: rows come later
+            row["params"], row["macs"] = origin["params"], origin["macs"]
+            row["cpu"] = {str(t): onnx_latency(path, image_size, in_chans, t, args) for t in threads}
+    full_row = rows[0]
+    for row in rows:
+        row["speedup_vs_full"] = {str(t): full_row["cpu"][str(t)]["latency_ms_median"] /
+                                  row["cpu"][str(t)]["latency_ms_median"] for t in threads}
+        row["throughput_ratio_vs_full"] = {
+            str(t): row["cpu"][str(t)]["throughput_images_per_second_median"] /
+            full_row["cpu"][str(t)]["throughput_images_per_second_median"] for t in threads}
+        row["accuracy_cost_vs_full"] = {k: full_row["test"][k] - row["test"][k]
+                                        for k in ("accuracy", "balanced_accuracy", "macro_f1")}
+
+
+# ------------------------------------------------------------------------------ output
+def result_table(rows: list[dict], threads: list[int], image_size: int) -> tuple[list[str], list[list]]:
+    """(headers, rows) of the Markdown table."""
+    full_row = rows[0]
     headers = ["model", "params (M)", f"MMACs @{image_size}px", "file (MB)",
                *[f"b1 ms {t}t" for t in threads], *[f"speed-up {t}t" for t in threads],
                *[f"b32 img/s {t}t" for t in threads], "test acc", "macro-F1", "Δacc (pp)", "ΔF1", "KD"]
@@ -592,11 +675,18 @@ def main() -> None:
                       "—" if row is full_row else f"{-100 * cost['accuracy'] + 0.0:+.1f}",  # + 0.0: no "-0.0"
                       "—" if row is full_row else f"{-cost['macro_f1'] + 0.0:+.3f}",
                       {None: "—", True: "yes", False: "no"}[row.get("distilled")]])
+    return headers, table
+
+
+def print_table(b: Bench, env: dict, threads: list[int]) -> None:
+    """The setting notes and the Markdown table."""
+    args, data, full_row = b.args, b.data, b.rows[0]
+    headers, table = result_table(b.rows, threads, b.image_size)
     ft_desc = (f"{args.finetune_epochs} epoch(s)" + (f" of at most {args.finetune_max_steps} steps" if
                args.finetune_max_steps else "") + f" over the oversampled training set ({data['rows']} rows), AdamW lr "
                f"{args.finetune_lr:g}, batch {TRAIN_DEFAULTS['batch_size']}, online augmentation '{ONLINE_POLICY}'")
-    print(f"\nELPV 4-class, {image_size}x{image_size} grayscale, test split {full_row['test']['num_samples']} images "
-          f"(majority rate {full_row['test']['majority_rate']:.3f}). Full model: {full_info['source']}. "
+    print(f"\nELPV 4-class, {b.image_size}x{b.image_size} grayscale, test split {full_row['test']['num_samples']} images "
+          f"(majority rate {full_row['test']['majority_rate']:.3f}). Full model: {b.full_info['source']}. "
           f"Fine-tune of every pruned model: {ft_desc}; distillation (KD) from the full model at T={args.temperature:g}, "
           f"alpha={args.alpha:g} where 'yes'. int8: ONNX Runtime static QDQ, per-channel int8 weights, uint8 "
           f"activations, MinMax, {data['calibration']['images']} training images, of the fine-tuned model, no "
@@ -611,6 +701,11 @@ def main() -> None:
           f"model (negative = cost). † reference: the float ONNX file the int8 model was quantized from. Load "
           f"average (1 min) at start {env['load_average_at_start'][0]:.2f}, at end {env['load_average_at_end'][0]:.2f}.\n")
     print(markdown_table(headers, table))
+
+
+def print_acceptance(b: Bench, threads: list[int]) -> list[dict]:
+    """The edge rows reaching the speed-up goal (printed and returned), the failed rows, the smoke note."""
+    rows, full_row = b.rows, b.rows[0]
     accepted = []
     print(f"\nAcceptance (a structured or int8 edge model with >= {SPEEDUP_GOAL:g}x batch-1 CPU speed-up over the full "
           f"model), accuracy cost against the full model (acc {full_row['test']['accuracy']:.3f}, "
@@ -629,59 +724,88 @@ def main() -> None:
                   f"{100 * cost['accuracy'] + 0.0:+.1f} pp, macro-F1 cost {cost['macro_f1'] + 0.0:+.3f}")
     if not accepted:
         print(f"- none of the structured / int8 rows reached {SPEEDUP_GOAL:g}x")
-    if errors:
-        print("\nFailed rows: " + "; ".join(f"{e['row']}: {e['error']}" for e in errors))
-    if args.latency_runs < 50:
-        print(f"\nNOTE: --latency-runs {args.latency_runs} < 50: smoke settings, the numbers are not results.")
+    if b.errors:
+        print("\nFailed rows: " + "; ".join(f"{e['row']}: {e['error']}" for e in b.errors))
+    if b.args.latency_runs < 50:
+        print(f"\nNOTE: --latency-runs {b.args.latency_runs} < 50: smoke settings, the numbers are not results.")
+    return accepted
 
-    result = {
+
+def run_settings(b: Bench, sparsities: list[float], ratios: list[float], threads: list[int]) -> dict:
+    """The JSON's ``settings``: everything that decides the numbers."""
+    args = b.args
+    return {
+        "dataset": "elpv", "task": "4class", "split_seed": SPLIT_SEED, "seed": args.seed, "image_size": b.image_size,
+        "max_train_images": args.max_train_images,
+        "full_model": {k: v for k, v in b.full_info.items() if k != "history"},
+        "unstructured": {"sparsities": sparsities, "scope": "global", "steps": 1, "include_fc": False,
+                         "method": "torch.nn.utils.prune L1Unstructured (global), masks kept during fine-tune"},
+        "structured": {"ratios": ratios, "target": "macs", "importance": args.importance,
+                       "global_pruning": args.global_pruning, "round_to": args.round_to,
+                       "distill_compare": args.distill_compare},
+        "int8": None if args.no_int8 else {
+            "of": ["full", f"structured {args.int8_ratio:g}" if args.int8_ratio else None],
+            "format": "qdq", "per_channel": True, "activation_type": "uint8", "weight_type": "int8",
+            "calibrate_method": "minmax", "reduce_range": args.reduce_range,
+            "calibration_images": args.calibration_images, "onnx_exporter": args.onnx_exporter,
+            "opset": 18, "finetuned_after_quantization": False},
+        "finetune": {"epochs": args.finetune_epochs, "max_steps_per_epoch": args.finetune_max_steps,
+                     "lr": args.finetune_lr, "optimizer": "AdamW (torch defaults otherwise)",
+                     "batch_size": TRAIN_DEFAULTS["batch_size"],
+                     "label_smoothing": TRAIN_DEFAULTS["label_smoothing"], "class_weight": "none",
+                     "online_augmentation": ONLINE_POLICY, "torch_threads": FINETUNE_THREADS,
+                     "distill": {"main_rows": b.distill_main, "temperature": args.temperature, "alpha": args.alpha},
+                     "recalibrate_bn_batches": args.recalibrate_bn,
+                     "loop": "components.prune.finetune_epoch (as pipelines/stages.py _finetune)"},
+        "rebalance": REBALANCE_DEFAULTS, "ray_resources": RAY_RESOURCES, "ray_init": RAY_INIT,
+        "latency": {"threads": threads, "runs": args.latency_runs, "warmup": LATENCY_WARMUP,
+                    "throughput_batch": THROUGHPUT_BATCH, "throughput_runs": args.throughput_runs,
+                    "torch": "eval, channels_last, torch.inference_mode, float32, torch.set_num_threads(N)",
+                    "onnxruntime": "components.prune.OnnxClassifier(threads=N): intra-op N, inter-op 1, "
+                                   "sequential, ORT_ENABLE_ALL; session.run on float32 NCHW",
+                    "when": "after all models are built, Ray shut down, each model loaded from its file"},
+        "mac_counter": "torch.utils.flop_counter.FlopCounterMode; MACs = FLOPs / 2 (conv, linear); int8 rows: "
+                       "the source model's MACs (int8 MACs)",
+        "speedup": "full model's torch batch-1 median latency / this row's, same thread count",
+        "acceptance": f">= {SPEEDUP_GOAL:g}x speed-up of a row of kind {list(EDGE_KINDS)}",
+        "model_selection": "weights after the last fine-tune step; test split used once per model",
+    }
+
+
+def result_json(b: Bench, env: dict, settings: dict, accepted: list[dict]) -> dict:
+    return {
         "benchmark": "prune",
-        "settings": {
-            "dataset": "elpv", "task": "4class", "split_seed": SPLIT_SEED, "seed": args.seed, "image_size": image_size,
-            "max_train_images": args.max_train_images,
-            "full_model": {k: v for k, v in full_info.items() if k != "history"},
-            "unstructured": {"sparsities": sparsities, "scope": "global", "steps": 1, "include_fc": False,
-                             "method": "torch.nn.utils.prune L1Unstructured (global), masks kept during fine-tune"},
-            "structured": {"ratios": ratios, "target": "macs", "importance": args.importance,
-                           "global_pruning": args.global_pruning, "round_to": args.round_to,
-                           "distill_compare": args.distill_compare},
-            "int8": None if args.no_int8 else {
-                "of": ["full", f"structured {args.int8_ratio:g}" if args.int8_ratio else None],
-                "format": "qdq", "per_channel": True, "activation_type": "uint8", "weight_type": "int8",
-                "calibrate_method": "minmax", "reduce_range": args.reduce_range,
-                "calibration_images": args.calibration_images, "onnx_exporter": args.onnx_exporter,
-                "opset": 18, "finetuned_after_quantization": False},
-            "finetune": {"epochs": args.finetune_epochs, "max_steps_per_epoch": args.finetune_max_steps,
-                         "lr": args.finetune_lr, "optimizer": "AdamW (torch defaults otherwise)",
-                         "batch_size": TRAIN_DEFAULTS["batch_size"],
-                         "label_smoothing": TRAIN_DEFAULTS["label_smoothing"], "class_weight": "none",
-                         "online_augmentation": ONLINE_POLICY, "torch_threads": FINETUNE_THREADS,
-                         "distill": {"main_rows": distill_main, "temperature": args.temperature, "alpha": args.alpha},
-                         "recalibrate_bn_batches": args.recalibrate_bn,
-                         "loop": "components.prune.finetune_epoch (as pipelines/stages.py _finetune)"},
-            "rebalance": REBALANCE_DEFAULTS, "ray_resources": RAY_RESOURCES, "ray_init": RAY_INIT,
-            "latency": {"threads": threads, "runs": args.latency_runs, "warmup": LATENCY_WARMUP,
-                        "throughput_batch": THROUGHPUT_BATCH, "throughput_runs": args.throughput_runs,
-                        "torch": "eval, channels_last, torch.inference_mode, float32, torch.set_num_threads(N)",
-                        "onnxruntime": "components.prune.OnnxClassifier(threads=N): intra-op N, inter-op 1, "
-                                       "sequential, ORT_ENABLE_ALL; session.run on float32 NCHW",
-                        "when": "after all models are built, Ray shut down, each model loaded from its file"},
-            "mac_counter": "torch.utils.flop_counter.FlopCounterMode; MACs = FLOPs / 2 (conv, linear); int8 rows: "
-                           "the source model's MACs (int8 MACs)",
-            "speedup": "full model's torch batch-1 median latency / this row's, same thread count",
-            "acceptance": f">= {SPEEDUP_GOAL:g}x speed-up of a row of kind {list(EDGE_KINDS)}",
-            "model_selection": "weights after the last fine-tune step; test split used once per model",
-        },
-        "data": {**data, "class_names": names, "prepared_data_digest": prepared_digest},
+        "settings": settings,
+        "data": {**b.data, "class_names": b.names, "prepared_data_digest": b.prepared_digest},
         "environment": env,
         "results": [{k: (headline(v) | {"per_class": v["per_class"], "confusion_matrix": v["confusion_matrix"],
                                         "roc_auc_ovr": v["roc_auc_ovr"]} if k == "test" else v)
-                     for k, v in row.items()} for row in rows],
-        "full_model_history": full_info.get("history"),
+                     for k, v in row.items()} for row in b.rows],
+        "full_model_history": b.full_info.get("history"),
         "acceptance": {"goal_speedup": SPEEDUP_GOAL, "rows_meeting": accepted},
-        "errors": errors,
+        "errors": b.errors,
     }
-    write_json(args.out, result)
+
+
+# ------------------------------------------------------------------------------ main
+def main() -> None:
+    ap = build_parser()
+    args = ap.parse_args()
+    sparsities, ratios, threads = check_args(ap, args)
+    env = environment(args)
+    t_start = time.perf_counter()
+
+    with tempfile.TemporaryDirectory(prefix="resops-bench-prune-") as tmp:
+        b = prepare_run(ap, args, Path(args.work or tmp))
+        build_rows(b, sparsities, ratios)
+        measure_rows(b, threads)
+
+    env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    env["load_average_at_end"] = os.getloadavg()
+    env["wall_seconds"] = time.perf_counter() - t_start
+    print_table(b, env, threads)
+    accepted = print_acceptance(b, threads)
+    write_json(args.out, result_json(b, env, run_settings(b, sparsities, ratios, threads), accepted))
 
 
 if __name__ == "__main__":

@@ -340,7 +340,33 @@ def start_edge_runtime(bundle: Path, cloud_url: str, outbox: Path) -> tuple[subp
     return proc, base
 
 
-def run_serve(config: dict, items, args) -> tuple[list[dict], dict, dict | None, dict | None]:
+def replay_check(base: str, items, replay_file: Path, timeout: float) -> dict | None:
+    """Every test image once, in cascade mode at the replayed threshold, against the calibrate stage's
+    offline replay of the same model version (components.evaluate.replay): the agreement rates."""
+    import json
+
+    from components.evaluate.replay import agreement
+
+    if not replay_file.exists():
+        say(f"no offline replay at {replay_file} (run the calibrate stage): agreement not measured")
+        return None
+    replay = json.loads(replay_file.read_text())
+    served = []
+    with httpx.Client(base_url=base, timeout=timeout, trust_env=False) as client:
+        for data, _ in items:
+            r = client.post("/predict", params={"mode": "cascade", "threshold": replay["threshold"]}, content=data,
+                            headers={"content-type": "image/png"})
+            served.append((data, r.json() if r.status_code == 200 else {"status": r.status_code}))
+    out = agreement(replay, served)
+    versions = {v for _, got in served for v in (got.get("model_versions") or {}).values()}
+    out["served_model_versions"] = sorted(versions)
+    out["same_version"] = versions == {replay["model_version"]}
+    say(f"offline replay agreement over {out['n']} test images: label {out['label_agreement']:.2%}, tier "
+        f"{out['tier_agreement']:.2%} (replayed version {replay['model_version']}, served {sorted(versions)})")
+    return out
+
+
+def run_serve(config: dict, items, args) -> tuple[list[dict], dict, dict | None, dict | None, dict | None]:
     setup_environment()
     import tempfile
 
@@ -362,6 +388,7 @@ def run_serve(config: dict, items, args) -> tuple[list[dict], dict, dict | None,
         wait_healthy(base, 120.0)
         say(f"Serve app healthy on {base} after {time.perf_counter() - t0:.0f} s")
         models = httpx.get(f"{base}/models", timeout=10.0, trust_env=False).json()
+        replay = replay_check(base, items, ROOT / args.replay, args.timeout) if RAY_SERVE in args.systems else None
         if RAY_SERVE in args.systems:
             rows += measure(RAY_SERVE, base, MODES, items, args)
         if EDGE_RT in args.systems:
@@ -380,7 +407,7 @@ def run_serve(config: dict, items, args) -> tuple[list[dict], dict, dict | None,
                         outage = run_outage(edge_base, items, args)
                 finally:
                     _stop(proc)
-        return rows, models, soak, outage
+        return rows, models, soak, outage, replay
     finally:
         try:
             serve.shutdown()
@@ -435,11 +462,39 @@ def acceptance(rows: list[dict], soak: dict | None, outage: dict | None) -> list
     return checks
 
 
-def main() -> None:
+def print_report(rows: list[dict], checks: list[dict], tiers: dict, app_args: dict, items, args, env: dict) -> None:
+    headers = ["system", "mode", "c", "n", "errors", "accuracy", "edge share", "mean ms", "p50 ms", "p95 ms",
+               "p99 ms", "req/s", "in ingress ms", "outside ms"]
+    table = [[r["system"], r["mode"], r["concurrency"],
+              f"{r['ok']}" + (f" ({r['not_sent']} not sent)" if r["not_sent"] else ""), r["errors"],
+              _f(r["accuracy"]), _f(r["edge_share"], 2), *(_f(r["latency_ms"][k], 1) for k in ("mean", "p50", "p95",
+                                                                                                  "p99")),
+              _f(r["throughput_rps"], 1), _f((r["hops_ms"] or {}).get("total_ms"), 1),
+              _f((r["hops_ms"] or {}).get("outside_ms"), 1)] for r in rows]
+    print(f"\nELPV test split, {len(items)} images sent as PNG bodies over HTTP to 127.0.0.1; model version "
+          f"{app_args.get('model_version')}; edge {tiers.get('edge', {}).get('backend')} "
+          f"({tiers.get('edge', {}).get('placement')}), cloud {tiers.get('cloud', {}).get('backend')}; cascade "
+          f"threshold {app_args.get('threshold'):.3f}. Closed loop, {args.requests} requests per cell after "
+          f"{args.warmup} warm-up requests per mode; latency client-side over successful answers. {env['cpus']} "
+          f"CPUs, load average {env['load_average_at_start'][0]:.2f} at start, "
+          f"{env['load_average_at_end'][0]:.2f} at end, {env['wall_seconds']:.0f} s.\n")
+    print(markdown_table(headers, table))
+    print("\nAcceptance (issue 16), against this run's baselines:")
+    for c in checks:
+        verdict = {True: "passes", False: "FAILS", None: "not measured"}[c["passed"]]
+        value = c["value"] if not isinstance(c["value"], float) else round(c["value"], 3)
+        limit = c["limit"] if not isinstance(c["limit"], float) else round(c["limit"], 3)
+        print(f"- {c['check']}: {value} (limit {limit}) -> {verdict}")
+
+
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="models/serve/serve_config.yaml")
     ap.add_argument("--bundle", default="models/serve/edge", help="the edge bundle resops-edge runs")
     ap.add_argument("--data", default="data/prepared", help="prepared data directory (its shards' test split)")
+    ap.add_argument("--replay", default="models/serve/replay.json",
+                    help="the calibrate stage's offline replay of the cascade on the test split: every served answer "
+                         "is compared with it")
     ap.add_argument("--systems", type=lambda s: [m for m in s.split(",") if m], default=list(SYSTEMS))
     ap.add_argument("--concurrency", type=lambda s: parse_ints(s, "--concurrency"), default=[1, 8, 32])
     ap.add_argument("--requests", type=int, default=None, help="per cell (default: every test image once)")
@@ -460,6 +515,11 @@ def main() -> None:
     ap.add_argument("--baseline-temperature", type=float, default=1.0, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-port", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--baseline-threads", type=int, default=2, help=argparse.SUPPRESS)
+    return ap
+
+
+def main() -> None:
+    ap = build_parser()
     args = ap.parse_args()
     if args.baseline_server:
         return baseline_server(args.baseline_server, args.baseline_model, args.baseline_onnx,
@@ -487,7 +547,7 @@ def main() -> None:
     if EDGE_BASE in args.systems and app_args.get("edge_onnx"):
         rows += run_baseline(EDGE_BASE, ROOT / app_args["edge_model"], ROOT / app_args["edge_onnx"],
                              float(temps.get("edge", 1.0)), items, args)
-    models, soak, outage = None, None, None
+    models, soak, outage, replay = None, None, None, None
     if {RAY_SERVE, EDGE_RT} & set(args.systems):
         # The environment `resops serve` gives its local Ray (params.yaml ray.env: Serve's HAProxy
         # ingress), then --serve-env on top; read by Serve's processes when they start: before ray.init.
@@ -499,36 +559,15 @@ def main() -> None:
             key, _, value = item.partition("=")
             os.environ[key] = value
         args.serve_env = env_items + args.serve_env
-        serve_rows, models, soak, outage = run_serve(config, items, args)
+        serve_rows, models, soak, outage, replay = run_serve(config, items, args)
         rows += serve_rows
     checks = acceptance(rows, soak, outage)
 
     env["finished_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     env["load_average_at_end"] = os.getloadavg()
     env["wall_seconds"] = time.perf_counter() - t_start
-    headers = ["system", "mode", "c", "n", "errors", "accuracy", "edge share", "mean ms", "p50 ms", "p95 ms",
-               "p99 ms", "req/s", "in ingress ms", "outside ms"]
-    table = [[r["system"], r["mode"], r["concurrency"],
-              f"{r['ok']}" + (f" ({r['not_sent']} not sent)" if r["not_sent"] else ""), r["errors"],
-              _f(r["accuracy"]), _f(r["edge_share"], 2), *(_f(r["latency_ms"][k], 1) for k in ("mean", "p50", "p95",
-                                                                                                  "p99")),
-              _f(r["throughput_rps"], 1), _f((r["hops_ms"] or {}).get("total_ms"), 1),
-              _f((r["hops_ms"] or {}).get("outside_ms"), 1)] for r in rows]
     tiers = {t: models[t] for t in ("edge", "cloud")} if models else {}
-    print(f"\nELPV test split, {len(items)} images sent as PNG bodies over HTTP to 127.0.0.1; model version "
-          f"{app_args.get('model_version')}; edge {tiers.get('edge', {}).get('backend')} "
-          f"({tiers.get('edge', {}).get('placement')}), cloud {tiers.get('cloud', {}).get('backend')}; cascade "
-          f"threshold {app_args.get('threshold'):.3f}. Closed loop, {args.requests} requests per cell after "
-          f"{args.warmup} warm-up requests per mode; latency client-side over successful answers. {env['cpus']} "
-          f"CPUs, load average {env['load_average_at_start'][0]:.2f} at start, "
-          f"{env['load_average_at_end'][0]:.2f} at end, {env['wall_seconds']:.0f} s.\n")
-    print(markdown_table(headers, table))
-    print("\nAcceptance (issue 16), against this run's baselines:")
-    for c in checks:
-        verdict = {True: "passes", False: "FAILS", None: "not measured"}[c["passed"]]
-        value = c["value"] if not isinstance(c["value"], float) else round(c["value"], 3)
-        limit = c["limit"] if not isinstance(c["limit"], float) else round(c["limit"], 3)
-        print(f"- {c['check']}: {value} (limit {limit}) -> {verdict}")
+    print_report(rows, checks, tiers, app_args, items, args, env)
 
     write_json(args.out, {
         "benchmark": "serve", "config": str(config_path), "data": str(args.data), "test_images": len(items),
@@ -543,6 +582,7 @@ def main() -> None:
         "app": {k: app_args.get(k) for k in ("model_version", "threshold", "temperatures", "default_mode",
                                              "cloud_model", "edge_model", "edge_onnx", "edge", "cloud", "router")},
         "tiers": tiers, "environment": env, "results": rows, "soak": soak, "outage": outage, "acceptance": checks,
+        "replay_agreement": replay,
     })
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from pipelines.params import Params
 from pipelines.runtime import init_ray
-from pipelines.stages import METRICS, record_training, say, write_json
+from pipelines.layout import METRICS, record_training, say, write_json
 
 RAW = Path("data/raw")
 PREPARED = Path("data/prepared")

@@ -88,9 +88,9 @@ def test_reference_holds_training_statistics_and_null_levels(files, elpv):
 
 
 def test_the_cloud_tier_forward_returns_the_heads_input_as_embedding(files, elpv):
-    from components.serve.app import _Tier
+    from components.serve.tiers import Tier
 
-    tier = _Tier(str(files / "full.pt"), max_batch_size=4, threads=1)
+    tier = Tier(str(files / "full.pt"), max_batch_size=4, threads=1)
     x = _tensors(elpv["unseen"][:3])
     probs, emb = tier.forward(x)
     tap = EmbeddingTap(tier.model)

@@ -243,6 +243,30 @@ def test_cascade_escalates_exactly_the_inputs_below_the_threshold(server, files)
     assert 0 < (conf < middle).sum() < 16  # the middle threshold splits the set
 
 
+def test_served_cascade_agrees_with_the_offline_replay(server, files):
+    """The calibrate stage's replay (components.evaluate.replay) predicts every served cascade answer: the
+    same class from the same tier, for the same model files, temperatures and threshold."""
+    from components.evaluate.replay import agreement, replay_cascade
+
+    images = [_png(1200 + i, shape=(36 + i % 9, 40)) for i in range(24)]
+    conf = _local_probs(files, images)["edge"].max(1)
+    threshold = float(np.median(conf))
+    replay = replay_cascade(images, np.zeros(len(images), dtype=np.int64), cloud_model=files / "full.pt",
+                            edge_model=files / "edge.pt", edge_onnx=files / "edge_int8.onnx", temperatures=TEMPS,
+                            threshold=threshold, class_names=CLASSES, model_version=VERSION, threads=1,
+                            max_pixels=MAX_PIXELS)
+    tiers = [a["tier"] for a in replay["answers"].values()]
+    assert 0 < tiers.count("cloud") < len(images)  # both tiers answer some: the check covers both paths
+    served = [(b, server.post("/predict", content=b, params={"mode": "cascade", "threshold": threshold}).json())
+              for b in images]
+    out = agreement(replay, served)
+    assert out["n"] == len(images)
+    assert out["label_agreement"] == 1.0 and out["tier_agreement"] == 1.0, out["disagreements"]
+    # and it notices a served answer that differs
+    wrong = [(served[0][0], {**served[0][1], "label_index": (served[0][1]["label_index"] + 1) % 3}), *served[1:]]
+    assert agreement(replay, wrong)["label_agreement"] == pytest.approx(1 - 1 / len(images))
+
+
 def test_json_batch_matches_single_requests_and_is_batched(server, files):
     images = [_png(300 + i) for i in range(8)]
     encoded = [base64.b64encode(b).decode() for b in images]

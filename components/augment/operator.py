@@ -17,7 +17,7 @@ import numpy as np
 
 from components.augment.policies import build_policy, seed_policy
 from components.augment.resize import area_resize, normalise, shrink_to
-from components.data.images import decode_image, encode_png
+from components.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
 
 
 class AugmentOperator:
@@ -29,7 +29,7 @@ class AugmentOperator:
 
     def __init__(self, policy: str | None = None, output: str = "tensor", image_size: int | None = None,
                  in_chans: int = 1, copies: int = 1, seed: int | None = None,
-                 max_pixels: int = 50_000_000):
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
         if output not in ("tensor", "png", "uint8"):
             raise ValueError("output must be 'tensor', 'png' or 'uint8'")
         if output in ("tensor", "uint8") and not image_size:

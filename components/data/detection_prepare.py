@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from components.data.detection import DetectionSet, boxes_from_json
-from components.data.images import ImageDecodeError, decode_image
+from components.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image
 from components.data.prepare import SPLITS, PrepareResult, split_by_group, write_prepared
 
 COLUMNS = ["image", "path", "boxes", "num_boxes", "label", "split", "group", "sha256", "width", "height", "source",
@@ -35,7 +35,7 @@ def _main_class(text: str) -> int:
 
 def prepare_detection(ds: DetectionSet, out_dir: str | Path, *, dataset: str, in_chans: int = 3,
                       test_size: float = 0.2, val_size: float = 0.15, seed: int = 42, rows_per_shard: int = 256,
-                      skip_corrupt: bool = False, max_image_pixels: int = 50_000_000) -> PrepareResult:
+                      skip_corrupt: bool = False, max_image_pixels: int = DEFAULT_MAX_PIXELS) -> PrepareResult:
     """Write ``out_dir/shards``, ``manifest.parquet`` and ``report.json`` for ``ds``."""
     if ds.root is None:
         raise ValueError("the DetectionSet has no root folder to read its images from")

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from components.data.images import ImageDecodeError, decode_image, save_class_grid
+from components.data.images import DEFAULT_MAX_PIXELS, ImageDecodeError, decode_image, save_class_grid
 from components.data.shards import write_shards
 from components.data.sources import get_source
 from components.progress import bar
@@ -101,7 +101,7 @@ def write_prepared(frame: pd.DataFrame, out_dir: Path, rows_per_shard: int) -> t
 
 def prepare_dataset(raw_dir: str | Path, out_dir: str | Path, dataset: str, task: str, *, in_chans: int = 1,
                     test_size: float = 0.25, val_size: float = 0.15, seed: int = 42, skip_corrupt: bool = False,
-                    rows_per_shard: int = 512, max_image_pixels: int = 50_000_000, threads: int = 4,
+                    rows_per_shard: int = 512, max_image_pixels: int = DEFAULT_MAX_PIXELS, threads: int = 4,
                     extra: list[str | Path] = ()) -> PrepareResult:
     """Validate every raw image, split, and write ``out_dir/shards``, ``manifest.parquet``, ``report.json``
     and ``samples.png`` (training images per class).

@@ -276,6 +276,14 @@ def create_app(bundle_path: str | Path, *, auth_token: str | None = None, auth_t
             return error(503, f"edge model failed ({type(exc).__name__}: {exc})")
         return EdgeHealthResponse(**rt.health())
 
+    add_status_routes(api, rt, reader)
+    return api
+
+
+def add_status_routes(api: FastAPI, rt: EdgeRuntime, reader: RequestReader) -> None:
+    """The runtime's read-only routes behind the bearer token: /models, /feedback, /drift, /outbox."""
+    b = rt.bundle
+
     @api.get("/models", responses={401: {"model": ErrorResponse}})
     async def models(request: Request):
         """The edge model (version, file, calibration), the cascade threshold and the cloud URL."""
@@ -316,8 +324,6 @@ def create_app(bundle_path: str | Path, *, auth_token: str | None = None, auth_t
         if rt.outbox is None:
             return error(404, "no cloud configured: nothing is queued")
         return OutboxStats(**rt.outbox.stats(recent=max(0, min(int(recent), 500))))
-
-    return api
 
 
 def _probe(bundle):

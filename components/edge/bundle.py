@@ -15,6 +15,9 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from components.data.images import DEFAULT_MAX_PIXELS
+from components.http.requests import DEFAULT_MAX_BODY_BYTES
+
 MANIFEST = "edge.json"
 
 
@@ -31,8 +34,8 @@ class EdgeBundle(BaseModel):
     in_chans: int
     temperature: float = Field(gt=0, description="temperature scaling fitted on the validation split")
     threshold: float = Field(ge=0, le=1, description="cascade: escalate when the calibrated confidence is below")
-    max_body_bytes: int = Field(10_000_000, gt=0)
-    max_image_pixels: int = Field(50_000_000, gt=0)
+    max_body_bytes: int = Field(DEFAULT_MAX_BODY_BYTES, gt=0)
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, gt=0)
     min_image_side: int = Field(8, ge=1)
     max_batch_images: int = Field(64, ge=1)
     drift_reference: str | None = Field(None, description="the drift reference (serve.drift), relative to the "

@@ -11,19 +11,25 @@ import torch
 
 
 @torch.no_grad()
-def predict_dataset(model: torch.nn.Module, batches, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
-    """Labels and softmax probabilities over an iterable of {"image", "label"} torch batches;
-    ``tta``: averaged over test-time views (:mod:`components.evaluate.tta`)."""
+def predict_dataset(model, batches, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+    """Labels and softmax probabilities over an iterable of {"image", "label"} torch batches; ``model``
+    is a torch module or an ONNX model with ``predict_proba`` (``components.prune.OnnxClassifier``,
+    float32 NCHW arrays in). ``tta``: averaged over test-time views (:mod:`components.evaluate.tta`)."""
     from components.evaluate.tta import tta_proba
 
-    model.eval()
+    if isinstance(model, torch.nn.Module):
+        model.eval()
+
+        def predict(x: torch.Tensor) -> np.ndarray:
+            with torch.inference_mode():
+                return torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), 1).numpy()
+    else:
+        def predict(x: torch.Tensor) -> np.ndarray:
+            return model.predict_proba(np.ascontiguousarray(x.numpy(), dtype=np.float32))
+
     ys, ps = [], []
-
-    def predict(x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), 1)
-
     for b in batches:
-        ps.append(tta_proba(predict, b["image"], tta).numpy())
+        ps.append(np.asarray(tta_proba(predict, b["image"], tta)))
         ys.append(b["label"].numpy())
     if not ys:
         raise ValueError("the evaluation split is empty")

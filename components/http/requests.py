@@ -25,6 +25,7 @@ from components.data.images import ImageDecodeError
 from components.http.schema import MODES
 
 UNDECODABLE, TOO_LARGE, TOO_SMALL, UNSUPPORTED = "undecodable", "too_large", "too_small", "unsupported"
+DEFAULT_MAX_BODY_BYTES = 10_000_000  # serve.max_body_bytes
 STATUS_OF_REASON = {UNDECODABLE: 415, TOO_LARGE: 413, TOO_SMALL: 422, UNSUPPORTED: 501}
 RAW_CONTENT_TYPES = ("image/", "application/octet-stream")
 
@@ -177,7 +178,7 @@ class RequestReader:
     (a Kubernetes Secret on a cluster), read where the app runs.
     """
 
-    def __init__(self, *, max_body_bytes: int = 10_000_000, max_batch_images: int = 64,
+    def __init__(self, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, max_batch_images: int = 64,
                  auth_token: str | None = None, auth_token_env: str | None = None):
         self.max_body_bytes, self.max_batch_images = int(max_body_bytes), int(max_batch_images)
         token = auth_token or (os.environ.get(auth_token_env) if auth_token_env else None)

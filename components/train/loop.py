@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from components.data.images import DEFAULT_MAX_PIXELS
 from components.evaluate.metrics import summary_from_confusion
 from components.models.checkpoint import unwrap
 from components.models.registry import create_model
@@ -231,7 +232,7 @@ class _EpochData:
             return
         t_load = time.perf_counter()
         common = dict(rank=w.rank, world=w.world, image_size=cfg["image_size"], in_chans=cfg["in_chans"],
-                      max_pixels=int(cfg.get("max_pixels", 50_000_000)), threads=int(cfg["threads_per_worker"]))
+                      max_pixels=int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS)), threads=int(cfg["threads_per_worker"]))
         self.train_mem = MemorySplit.from_files(cfg["train_files"], None, **common)
         self.val_mem = MemorySplit.from_files(cfg["val_files"], "val", **common).tensors()
         self.train_shard = self.val_shard = None

@@ -31,7 +31,7 @@ def augment_batch(batch: dict, **kwargs) -> dict:
 
 
 def image_dataset(shards_dir: str | Path, split: str | None, *, policy: str | None, image_size: int, in_chans: int,
-                  seed: int | None, cpus_per_task: float, max_pixels: int = 50_000_000, batch_size: int = 64):
+                  seed: int | None, cpus_per_task: float, max_pixels: int = DEFAULT_MAX_PIXELS, batch_size: int = 64):
     """A Ray Dataset of decoded (and, with ``policy``, augmented) float tensors from Parquet shards."""
     import ray.data
 
