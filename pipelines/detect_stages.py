@@ -9,7 +9,7 @@ folder of its params.yaml, like the classification stages; paths are relative to
 * train: ``resnet18_yolo`` with Ray Train (``components.train.fit``), anchors fitted by k-means on
   the training boxes when ``model.anchors: kmeans``;
 * prune: ``prune.method`` unstructured (global magnitude, sparse ``.npz``) | structured (channels,
-  ``prune.macs_ratio`` of the MACs) | none, then ``prune.finetune_epochs`` of fine-tuning;
+  ``prune.structured.ratio`` of the MACs) | none, then ``prune.finetune_epochs`` of fine-tuning;
 * evaluate: mAP@0.5, mAP@0.5:0.95, AP per class of the full and pruned models on the test split,
   the precision-recall plot and predictions drawn on test images, CPU latency per frame;
 * promote: the models and a Serve config (``POST /detect``: edge = pruned, cloud = full) when the
@@ -130,8 +130,8 @@ def train(p: Params) -> dict:
     t0 = time.time()
     res = fit(cfg, PREPARED / "shards", PREPARED / "shards", p("train.storage_path"), TRAIN_MODEL,
               num_workers=p("train.num_workers"), cpus_per_worker=p("train.cpus_per_worker"),
-              use_gpu=p("train.use_gpu"), data_cpus=p("train.data_cpus"), max_failures=p("train.max_failures"),
-              keep_checkpoints=p("train.keep_checkpoints"), online_policy=p("train.augment"),
+              use_gpu=p("train.use_gpu"), data_cpus=p("augment.cpus_per_task"), max_failures=p("train.max_failures"),
+              keep_checkpoints=p("train.keep_checkpoints"), online_policy=p("augment.policy"),
               data_digest=prep["data_digest"])
     last = res.history[-1]
     summary = record_training(res, t0, anchors=anchor_info)
@@ -162,7 +162,7 @@ def prune(p: Params) -> dict:
     if method == "unstructured":
         apply_global_magnitude(model, float(p("prune.sparsity")))
     elif method == "structured":
-        rep = structured_prune(model, x, ratio=float(p("prune.macs_ratio")))
+        rep = structured_prune(model, x, ratio=float(p("prune.structured.ratio")))
         info["structured"] = {"macs_ratio_reached": rep.macs_reduction}
     elif method != "none":
         raise ValueError(f"prune.method must be unstructured, structured or none, got {method!r}")
@@ -171,7 +171,7 @@ def prune(p: Params) -> dict:
         train_rows = read_shards(PREPARED / "shards", columns=["image", "boxes", "split"], split="train")
         losses = finetune_detector(model, train_rows, image_size=size, in_chans=int(meta["in_chans"]),
                                    epochs=int(p("prune.finetune_epochs")), batch_size=int(p("train.batch_size")),
-                                   lr=float(p("prune.finetune_lr")), policy=p("train.augment"), seed=p("seed"),
+                                   lr=float(p("prune.finetune_lr")), policy=p("augment.policy"), seed=p("seed"),
                                    threads=int(p("train.threads_per_worker")))
     if method == "unstructured":
         make_permanent(model)
@@ -253,7 +253,7 @@ def promote(p: Params) -> dict:
         shutil.copy2(edge, PROMOTED / f"edge{edge.suffix}")
         s = p("serve")
         args = {"cloud_model": str(PROMOTED / "full.pt"), "edge_model": str(PROMOTED / f"edge{edge.suffix}"),
-                "model_version": f"detect-{time.strftime('%Y%m%d-%H%M%S')}", "threshold": s["threshold"],
+                "model_version": f"detect-{time.strftime('%Y%m%d-%H%M%S')}", "threshold": s["cascade"]["threshold"],
                 "default_mode": s["default_mode"],
                 "detection": {k: s[k] for k in ("score_threshold", "iou_threshold", "max_detections")},
                 "edge": dict(s["edge"]), "cloud": dict(s["cloud"])}

@@ -59,8 +59,28 @@ def set_path(tree: dict, dotted: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def check_known(tree: dict, dotted: str, source: str) -> None:
+    """An override names a key the params file has (``-S train.epoch=3`` is a typo, not a new knob).
+
+    New keys may go where the file leaves a mapping open: an empty mapping (``ray.env: {}``, an empty
+    file) or a variant's ``kwargs``."""
+    import difflib
+
+    node, parts = tree, dotted.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, dict) or not node or (i and parts[i - 1] == "kwargs"):
+            return  # a scalar replaced by a mapping (set_path says so), or an open mapping
+        if part not in node:
+            where = ".".join(parts[:i]) or "the top level"
+            close = difflib.get_close_matches(part, [str(k) for k in node], n=1)
+            hint = f"; did you mean `{'.'.join([*parts[:i], close[0]])}`?" if close else ""
+            raise ParamsError(f"{source} has no `{dotted}` (no `{part}` under {where}){hint}")
+        node = node[part]
+
+
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Read params.yaml and apply ``key.path=value`` overrides (values parsed as YAML)."""
+    """Read params.yaml and apply ``key.path=value`` overrides (values parsed as YAML); an override of a
+    key the file does not have fails (:func:`check_known`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: run resops from the project root or pass --params")
@@ -69,6 +89,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key.path=value")
         key, value = item.split("=", 1)
+        check_known(tree, key.strip(), str(path))
         set_path(tree, key.strip(), parse_yaml(value))
     params = Params(copy.deepcopy(tree))
     params.source = str(path)

@@ -18,6 +18,8 @@ data:
     path: null
   synthetic:
     num_images: 240
+model:
+  kwargs: {}
 train:
   epochs: 6
   lr: 0.001
@@ -58,12 +60,22 @@ def test_overrides_are_parsed_as_yaml(params_file):
     assert p("train.wandb.mode") == "offline"
 
 
-def test_overrides_create_nested_keys_and_keep_values_with_equals(params_file):
-    p = load_params(params_file, ["model.kwargs.width=64", "train.wandb.tags=[a, b]", "train.note=x=y"])
-    assert p("model.kwargs.width") == 64
-    assert p("model") == {"kwargs": {"width": 64}}
-    assert p("train.wandb.tags") == ["a", "b"]
-    assert p("train.note") == "x=y"  # split on the first '=' only
+def test_overrides_create_keys_only_in_open_mappings_and_keep_values_with_equals(params_file):
+    p = load_params(params_file, ["model.kwargs.width=64", "model.kwargs.depth.first=2"])
+    assert p("model") == {"kwargs": {"width": 64, "depth": {"first": 2}}}  # a variant's kwargs are open
+    assert load_params(params_file, ["data.folder.path=x=y"])("data.folder.path") == "x=y"  # split on the first '='
+
+
+def test_an_override_of_an_unknown_key_fails_naming_the_likely_one(params_file):
+    """`-S train.epoch=3` is a typo: it must not add a key nothing reads and train 6 epochs."""
+    with pytest.raises(ParamsError, match=r"has no `train\.epoch` .*did you mean `train\.epochs`"):
+        load_params(params_file, ["train.epoch=3"])
+    with pytest.raises(ParamsError, match=r"no `note` under train"):
+        load_params(params_file, ["train.note=x"])
+    with pytest.raises(ParamsError, match=r"no `modle` under the top level.*`model`"):
+        load_params(params_file, ["modle.kwargs.width=1"])
+    with pytest.raises(ParamsError, match=r"`train\.epoch`"):
+        load_params(ROOT / "params.yaml", ["train.epoch=3"])
 
 
 def test_overrides_do_not_touch_the_file(params_file):
