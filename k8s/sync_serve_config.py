@@ -10,6 +10,10 @@ version of it and changes nothing else:
 * ``args.base_dir`` is dropped: it is an absolute path of the machine that deployed it. Model paths
   stay relative (``models/promoted/...``) and the replicas resolve them against ``$RESOPS_HOME``,
   which the pods set to ``/app``, the image's copy of the repository;
+* the tiers autoscale (``--max-replicas``, default 4, as the RayService's CPU worker group): each
+  deployment with a fixed ``num_replicas`` gets Serve's ``autoscaling_config`` (1 to max replicas,
+  ``target_ongoing_requests`` a full batch per replica; the ingress that runs the edge model, 16), in
+  the deployments section and in the app's args alike, so the built app and the config agree;
 * the config is validated with Ray's ``ServeDeploySchema`` (as ``resops serve`` does), and model
   paths that are absolute or leave the project are refused.
 
@@ -30,16 +34,38 @@ ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT / "models" / "serve" / "serve_config.yaml"
 DEFAULT_OUT = ROOT / "k8s" / "base" / "serve_config.yaml"
 HOST, PORT = "0.0.0.0", 8000
+MAX_REPLICAS = 4  # the RayService's cpu worker group: maxReplicas
+INGRESS_TARGET = 16  # ongoing requests per Router replica that runs the edge model (sub-millisecond each)
 MODEL_KEYS = ("cloud_model", "edge_model", "edge_onnx")
 
 
-def cluster_config(config: dict, port: int = PORT) -> dict:
+def autoscale(app: dict, max_replicas: int) -> None:
+    """Serve's ``autoscaling_config`` for every tier with a fixed replica count (deployments and args)."""
+    args = app.setdefault("args", {})
+    deployments = {d["name"]: d for d in app.get("deployments", [])}
+    tiers = {"CloudClassifier": "cloud", "EdgeClassifier": "edge"}
+    if "EdgeClassifier" not in deployments:  # the edge model runs in the Router: it takes the edge's replicas
+        tiers["Router"] = "edge"
+    for name, tier in tiers.items():
+        dep, settings = deployments.get(name), args.get(tier)
+        if dep is None or settings is None or dep.get("autoscaling_config"):
+            continue
+        replicas = int(dep.pop("num_replicas", 1))
+        target = INGRESS_TARGET if name == "Router" else max(2, int(settings.get("max_batch_size", 8)))
+        auto = {"min_replicas": 1, "max_replicas": max(replicas, int(max_replicas)), "target_ongoing_requests": target}
+        dep["autoscaling_config"] = dict(auto)
+        settings.pop("num_replicas", None)
+        settings["autoscaling_config"] = dict(auto)
+
+
+def cluster_config(config: dict, port: int = PORT, max_replicas: int = MAX_REPLICAS) -> dict:
     """The RayService version of a Serve config written by the calibrate stage."""
     config = copy.deepcopy(config)
     config["http_options"] = {**(config.get("http_options") or {}), "host": HOST, "port": int(port)}
     for app in config["applications"]:
         args = app.setdefault("args", {})
         args.pop("base_dir", None)
+        autoscale(app, max_replicas)
         for key in MODEL_KEYS:
             path = args.get(key)
             if path is None:
@@ -57,8 +83,9 @@ def render(config: dict) -> str:
     version = {a.get("name"): (a.get("args") or {}).get("model_version") for a in config["applications"]}
     header = ("# serveConfigV2 of the RayService (k8s/base/kustomization.yaml embeds this file).\n"
               "# Written by `python k8s/sync_serve_config.py` from models/serve/serve_config.yaml, the calibrate\n"
-              "# stage's output, with http_options for the cluster; do not edit by hand. Model paths resolve\n"
-              "# against RESOPS_HOME=/app (the image's copy of models/promoted) and files_sha256 pins them.\n"
+              "# stage's output, with http_options and autoscaling for the cluster; do not edit by hand. Model\n"
+              "# paths resolve against RESOPS_HOME=/app (the image's copy of models/promoted) and files_sha256\n"
+              "# pins them.\n"
               f"# model_version: {', '.join(f'{k}={v}' for k, v in version.items())}\n")
     return header + yaml.safe_dump(config, sort_keys=False, width=100)
 
@@ -69,13 +96,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="Serve config of the calibrate stage (default: models/serve/serve_config.yaml)")
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="where the RayService reads it (default: %(default)s)")
     ap.add_argument("--port", type=int, default=PORT, help="Serve HTTP port in the pods (default: %(default)s)")
+    ap.add_argument("--max-replicas", type=int, default=MAX_REPLICAS,
+                    help="autoscaling ceiling of each tier (default: %(default)s, the RayService's CPU workers)")
     ap.add_argument("--check", action="store_true", help="write nothing; exit 1 when --out differs from what would be written")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     from components.serve.config import load_serve_config
 
     try:
-        text = render(cluster_config(load_serve_config(args.source), args.port))
+        text = render(cluster_config(load_serve_config(args.source), args.port, args.max_replicas))
     except (FileNotFoundError, ValueError) as exc:
         print(f"sync_serve_config: error: {exc}", file=sys.stderr)
         return 2

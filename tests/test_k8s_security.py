@@ -60,3 +60,33 @@ def test_the_schema_refuses_a_broken_auth_block():
     typo = copy.deepcopy(raycluster)
     typo["spec"]["authOptions"]["secret"] = typo["spec"]["authOptions"].pop("secretName")
     assert any("'secret' was unexpected" in e for e in schema_errors(typo, strict=True)), schema_errors(typo)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_tiers_autoscale_and_fit_the_cluster_at_their_ceiling(overlay):
+    """k8s/sync_serve_config.py gives every tier Serve's autoscaling_config, the same in the deployments and
+    in the app's (typed) args, and at max_replicas every replica still has a node of the cluster at maxReplicas."""
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    from components.serve.args import AppArgs
+    from tests.test_k8s import place, ray_nodes
+
+    service = one(rendered(overlay), "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    app = config["applications"][0]
+    args = AppArgs.model_validate(app["args"])  # what Serve hands the typed app builder
+    deployments = {d["name"]: d for d in app["deployments"]}
+    owner = {"CloudClassifier": args.cloud, "EdgeClassifier": args.edge,
+             "Router": args.edge if "EdgeClassifier" not in deployments else None}
+    replicas = []
+    for name, dep in deployments.items():
+        auto = dep.get("autoscaling_config")
+        if owner.get(name) is not None:
+            assert auto and auto["min_replicas"] < auto["max_replicas"] and "num_replicas" not in dep, (name, dep)
+            assert owner[name].autoscaling_config == auto, name  # the built app and the config agree
+        opts = dep["ray_actor_options"]
+        demand = {"CPU": float(opts.get("num_cpus", 1)), **{k: float(v) for k, v in (opts.get("resources") or {}).items()}}
+        replicas += [(name, demand)] * int(auto["max_replicas"] if auto else dep.get("num_replicas", 1))
+    place(replicas, ray_nodes(service))  # raises when a replica at the ceiling has no room
