@@ -118,6 +118,26 @@ def accuracy_bf16() -> str:
     return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
 
 
+def accuracy_variants() -> str:
+    """Recipe variants tried on the quality preset (``quality+KEY=VALUE`` arms): validation (where the
+    choice is made) next to test, against the preset itself on the same seeds."""
+    d = _load("benchmarks/results/accuracy_bf16.json")
+    rows = []
+    for arm in ["quality", *sorted(a for a in d["summary"] if a.startswith("quality+"))]:
+        for seed in sorted({r["seed"] for r in d["runs"].values() if r["arm"] != "quality" and r["arm"].startswith("quality")}):
+            r = d["runs"].get(f"{arm}|{seed}")
+            if r is None:
+                continue
+            v = r["validation"]
+            rows.append([arm.replace("quality+", "quality + ") if arm != "quality" else "quality (64 px)", str(seed),
+                         str(r["epochs"]), str(r["selected_epoch"]), f"{r['images_per_second']:.1f}",
+                         *(f"{v[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "macro_f1")),
+                         *(f"{r[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
+    table = _table(["arm", "seed", "epochs", "selected", "img/s", "val acc.", "val bal. acc.", "val macro-F1",
+                    "test acc.", "test bal. acc.", "test macro-F1"], rows)
+    return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+
+
 def train_throughput() -> str:
     d = _load("benchmarks/results/train_throughput.json")
     rows = [[name, f"{r['images_per_second']:.1f}", f"{r['ratio_to_plain_same_precision']:.2f}x"]
@@ -136,7 +156,7 @@ def drift() -> str:
     return f"{table}\n\n{_source(['benchmarks/results/drift.json'], d.get('model_version'), d.get('environment'))}"
 
 
-RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16,
+RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants,
              "train-throughput": train_throughput, "drift": drift}
 
 
