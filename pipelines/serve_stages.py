@@ -21,7 +21,8 @@ def _split_logits(p: Params, split: str, cloud_path: Path, edge_path: Path, edge
 
     rows = read_shards(PREPARED / "shards", columns=["image", "label"], split=split)
     images, kw = list(rows["image"]), {"threads": p("train.threads_per_worker"), "max_pixels": p("data.max_image_pixels")}
-    return {"cloud": tier_logits(cloud_path, None, images, **kw), "edge": tier_logits(edge_path, edge_onnx, images, **kw),
+    return {"cloud": tier_logits(cloud_path, None, images, desc=f"calibrate ({split}, cloud)", **kw),
+            "edge": tier_logits(edge_path, edge_onnx, images, desc=f"calibrate ({split}, edge)", **kw),
             "labels": np.asarray(rows["label"])}
 
 
@@ -99,7 +100,7 @@ def _test_replay(p: Params, files: dict, edge_model: Path, edge_onnx: Path | Non
                           edge_model=edge_model, edge_onnx=edge_onnx,
                           temperatures={t: cal[t]["temperature"] for t in ("edge", "cloud")}, threshold=threshold,
                           class_names=names, model_version=version, threads=p("train.threads_per_worker"),
-                          max_pixels=p("data.max_image_pixels"))
+                          max_pixels=p("data.max_image_pixels"), desc="calibrate (test replay")
 
 
 def _cascade_figures(replay: dict, cal: dict, threshold: float, bins: int) -> dict:

@@ -22,12 +22,13 @@ def cascade_route(edge_probs: np.ndarray, cloud_probs: np.ndarray, threshold: fl
 
 
 def _batched_logits(run, images: list[bytes], in_chans: int, image_size: int, batch_size: int,
-                    max_pixels: int) -> np.ndarray:
+                    max_pixels: int, desc: str = "") -> np.ndarray:
     from components.augment.resize import validation_tensor
     from components.data.images import decode_image
+    from components.progress import bar
 
     out = []
-    for i in range(0, len(images), batch_size):
+    for i in bar(range(0, len(images), batch_size), desc=desc or "logits", unit="batch"):
         x = np.stack([validation_tensor(decode_image(b, in_chans, max_pixels), image_size)
                       for b in images[i:i + batch_size]])
         out.append(run(x))
@@ -35,7 +36,7 @@ def _batched_logits(run, images: list[bytes], in_chans: int, image_size: int, ba
 
 
 def tier_logits(model_path, onnx_path, images: list[bytes], *, threads: int = 2, batch_size: int = 64,
-                max_pixels: int) -> np.ndarray:
+                max_pixels: int, desc: str = "") -> np.ndarray:
     """Logits of one tier's model on encoded images, computed as that tier computes them."""
     import torch
 
@@ -47,26 +48,26 @@ def tier_logits(model_path, onnx_path, images: list[bytes], *, threads: int = 2,
         from components.edge.model import OnnxLogits
 
         onnx = OnnxLogits(str(onnx_path), threads=threads)
-        return _batched_logits(onnx, images, chans, size, batch_size, max_pixels)
+        return _batched_logits(onnx, images, chans, size, batch_size, max_pixels, desc)
     model = model.eval().to(memory_format=torch.channels_last)
 
     def run(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(x).contiguous(memory_format=torch.channels_last)).float().numpy()
 
-    return _batched_logits(run, images, chans, size, batch_size, max_pixels)
+    return _batched_logits(run, images, chans, size, batch_size, max_pixels, desc)
 
 
 def replay_cascade(images: list[bytes], labels: np.ndarray, *, cloud_model, edge_model, edge_onnx, temperatures: dict,
                    threshold: float, class_names: list[str], model_version: str, threads: int = 2,
-                   max_pixels: int) -> dict:
+                   max_pixels: int, desc: str = "replay") -> dict:
     """The cascade's answer for every image: ``{"threshold", "model_version", "answers": {sha256: {...}},
     "edge_probs", "cloud_probs", "edge_logits", "cloud_logits", "labels"}`` (the arrays for the caller's
     figures; not serialised)."""
     from components.evaluate.calibration import softmax
 
-    logits = {"cloud": tier_logits(cloud_model, None, images, threads=threads, max_pixels=max_pixels),
-              "edge": tier_logits(edge_model, edge_onnx, images, threads=threads, max_pixels=max_pixels)}
+    logits = {t: tier_logits(m, o, images, threads=threads, max_pixels=max_pixels, desc=f"{desc}, {t}")
+              for t, m, o in (("cloud", cloud_model, None), ("edge", edge_model, edge_onnx))}
     cloud, edge = (softmax(logits[t], temperatures[t]) for t in ("cloud", "edge"))
     pred, escalated = cascade_route(edge, cloud, threshold)
     answers = {}
