@@ -138,6 +138,46 @@ def accuracy_variants() -> str:
     return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
 
 
+def _ms(x) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def serve() -> str:
+    """The serving benchmark: every cell, the soak and outage, the goals, and the replay agreement."""
+    d = _load("benchmarks/results/serve.json")
+    rows = []
+    for r in d["results"]:
+        hops = r.get("hops_ms") or {}
+        rows.append([r["system"], r["mode"], str(r["concurrency"]), f"{r['accuracy']:.3f}",
+                     "-" if r.get("edge_share") is None else f"{r['edge_share']:.2f}",
+                     *(_ms(r["latency_ms"][k]) for k in ("mean", "p50", "p99")), f"{r['throughput_rps']:.1f}",
+                     _ms(hops.get("total_ms")), _ms(hops.get("outside_ms"))])
+    table = _table(["system", "mode", "c", "accuracy", "edge share", "mean ms", "p50 ms", "p99 ms", "req/s",
+                    "in ingress ms", "outside ms"], rows)
+    goals = _table(["goal", "measured", "limit", ""], [
+        [c["check"], "-" if c["value"] is None else (f"{c['value']:.3f}" if isinstance(c["value"], float) else str(c["value"])),
+         f"{c['limit']:.3f}" if isinstance(c["limit"], float) else str(c["limit"]),
+         {True: "passes", False: "**fails**", None: "not measured"}[c["passed"]]] for c in d["acceptance"]])
+    lines = [table, "", goals]
+    s, o, a = d.get("soak"), d.get("outage"), d.get("replay_agreement")
+    if s:
+        lines += ["", f"Soak: {d['settings']['soak_seconds']:g} s of cascade at 32 clients against the Serve app: "
+                      f"{s['ok']} answers, {s['http_5xx']} 5xx, p99 {s['latency_ms']['p99']:.0f} ms."]
+    if o:
+        lines += ["", f"Outage: `resops edge` in cascade mode at {o['concurrency']} clients while the cloud's front door "
+                      f"was killed after a third of {o['sent']} requests: {o['ok']} answers 200, "
+                      f"{o['answers_not_200_or_4xx']} neither 200 nor 4xx, {o['degraded']} degraded, "
+                      f"{o['queued_during_run']} inputs queued, {o['resent_after']} resent once the cloud was back "
+                      f"({o['drain_seconds']:.0f} s), {o['dropped']} dropped."]
+    if a:
+        lines += ["", f"Offline replay (the calibrate stage's `models/serve/replay.json`, model "
+                      f"{a['replayed_model_version']}): of {a['n']} test images sent once in cascade mode at threshold "
+                      f"{a['threshold']:.3f}, the served answer has the replayed class for {a['label_agreement']:.1%} and "
+                      f"the replayed tier for {a['tier_agreement']:.1%}; served versions {', '.join(a['served_model_versions'])}."]
+    version = d.get("app", {}).get("model_version")
+    return "\n".join(lines) + f"\n\n{_source(['benchmarks/results/serve.json'], version, d.get('environment'))}"
+
+
 def train_throughput() -> str:
     d = _load("benchmarks/results/train_throughput.json")
     rows = [[name, f"{r['images_per_second']:.1f}", f"{r['ratio_to_plain_same_precision']:.2f}x"]
@@ -156,7 +196,7 @@ def drift() -> str:
     return f"{table}\n\n{_source(['benchmarks/results/drift.json'], d.get('model_version'), d.get('environment'))}"
 
 
-RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants,
+RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants, "serve": serve,
              "train-throughput": train_throughput, "drift": drift}
 
 
