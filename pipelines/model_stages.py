@@ -14,10 +14,10 @@ from pipelines.runtime import init_ray
 
 
 def train(p: Params) -> dict:
-    from pipelines.datasets import split_batches
     from components.data.prepare import load_report
     from components.train import fit
     from components.train.precision import describe as describe_precision
+    from pipelines.datasets import split_batches
 
     prep = load_report(PREPARED)
     weights = json.loads((REBALANCED / "rebalance.json").read_text())["class_weights"]
@@ -81,11 +81,11 @@ def train(p: Params) -> dict:
 def _finetune(p: Params, model, meta: dict, teacher, epochs: int, label: str) -> list[dict]:
     """Short fine-tune of a compressed model on the rebalanced training set, distilled from
     ``teacher`` (the full model) when ``prune.distill.enabled``."""
-    from pipelines.datasets import split_batches
     import torch
 
     from components.prune import DistillationLoss, finetune_epoch
     from components.train.precision import resolve_precision
+    from pipelines.datasets import split_batches
 
     if epochs <= 0:
         return []
@@ -118,11 +118,11 @@ def prune(p: Params) -> dict:
     structured (channel-pruned, really faster) or unstructured (sparse file) pruning, fine-tuned with
     optional distillation, optionally exported to int8 ONNX. ``models/prune/edge.json`` records what
     was applied."""
-    from pipelines.datasets import split_batches
     import torch
 
     from components.models import load_model
     from components.prune.edge import build_edge_model, quantize_edge_model
+    from pipelines.datasets import split_batches
 
     torch.manual_seed(p("seed"))
     torch.set_num_threads(p("train.threads_per_worker"))
@@ -168,12 +168,12 @@ def edge_files() -> dict[str, Path]:
 
 
 def evaluate(p: Params) -> dict:
-    from pipelines.datasets import split_batches
     import torch
 
     from components.evaluate import classification_metrics, confusion_png, confusion_rows, predict_dataset
     from components.evaluate.metrics import bootstrap_intervals
     from components.models import load_model
+    from pipelines.datasets import split_batches
 
     torch.set_num_threads(p("train.threads_per_worker"))
     tta = p("evaluate.tta")

@@ -23,17 +23,17 @@ def _split_logits(p: Params, split: str, cloud_path: Path, edge_path: Path, edge
     images, kw = list(rows["image"]), {"threads": p("train.threads_per_worker"), "max_pixels": p("data.max_image_pixels")}
     return {"cloud": tier_logits(cloud_path, None, images, desc=f"calibrate ({split}, cloud)", **kw),
             "edge": tier_logits(edge_path, edge_onnx, images, desc=f"calibrate ({split}, edge)", **kw),
-            "labels": np.asarray(rows["label"])}
+            "labels": np.asarray(rows["label"]), "images": images}
 
 
 def _drift_reference(p: Params, cloud_path: Path) -> dict:
     """Drift reference of the promoted cloud model: the training split's input histograms and embeddings,
     null levels from the validation split (components.feedback.reference)."""
-    from pipelines.datasets import split_batches
     import torch
 
     from components.feedback.reference import drift_reference
     from components.models import load_model
+    from pipelines.datasets import split_batches
 
     model, meta = load_model(cloud_path)
     model = model.eval().to(memory_format=torch.channels_last)
@@ -88,19 +88,14 @@ def _model_card(p: Params, files: dict, cal: dict) -> dict:
 def _test_replay(p: Params, files: dict, edge_model: Path, edge_onnx: Path | None, cal: dict, threshold: float,
                  version: str) -> dict:
     """The served cascade replayed offline on the test split (components.evaluate.replay)."""
-    import numpy as np
-
-    from components.data.shards import read_shards
-    from components.evaluate.replay import replay_cascade
+    from components.evaluate.replay import replay_from_logits
     from components.models.checkpoint import load_payload
 
-    rows = read_shards(PREPARED / "shards", columns=["image", "label"], split="test")
+    test = _split_logits(p, "test", Path(files["full"]), edge_model, edge_onnx)
     names = [str(n) for n in load_payload(files["full"])["meta"]["class_names"]]
-    return replay_cascade(list(rows["image"]), np.asarray(rows["label"]), cloud_model=files["full"],
-                          edge_model=edge_model, edge_onnx=edge_onnx,
-                          temperatures={t: cal[t]["temperature"] for t in ("edge", "cloud")}, threshold=threshold,
-                          class_names=names, model_version=version, threads=p("train.threads_per_worker"),
-                          max_pixels=p("data.max_image_pixels"), desc="calibrate (test replay")
+    return replay_from_logits(test["images"], test["labels"], test,
+                              temperatures={t: cal[t]["temperature"] for t in ("edge", "cloud")}, threshold=threshold,
+                              class_names=names, model_version=version)
 
 
 def _cascade_figures(replay: dict, cal: dict, threshold: float, bins: int) -> dict:

@@ -123,8 +123,9 @@ def accuracy_variants() -> str:
     choice is made) next to test, against the preset itself on the same seeds."""
     d = _load("benchmarks/results/accuracy_bf16.json")
     rows = []
+    seeds = sorted({r["seed"] for r in d["runs"].values() if r["arm"].startswith("quality+")})
     for arm in ["quality", *sorted(a for a in d["summary"] if a.startswith("quality+"))]:
-        for seed in sorted({r["seed"] for r in d["runs"].values() if r["arm"] != "quality" and r["arm"].startswith("quality")}):
+        for seed in seeds:
             r = d["runs"].get(f"{arm}|{seed}")
             if r is None:
                 continue

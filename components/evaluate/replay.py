@@ -61,13 +61,21 @@ def tier_logits(model_path, onnx_path, images: list[bytes], *, threads: int = 2,
 def replay_cascade(images: list[bytes], labels: np.ndarray, *, cloud_model, edge_model, edge_onnx, temperatures: dict,
                    threshold: float, class_names: list[str], model_version: str, threads: int = 2,
                    max_pixels: int, desc: str = "replay") -> dict:
-    """The cascade's answer for every image: ``{"threshold", "model_version", "answers": {sha256: {...}},
-    "edge_probs", "cloud_probs", "edge_logits", "cloud_logits", "labels"}`` (the arrays for the caller's
-    figures; not serialised)."""
-    from components.evaluate.calibration import softmax
-
+    """:func:`replay_from_logits` of the tiers' logits on ``images`` (computed here as the tiers do)."""
     logits = {t: tier_logits(m, o, images, threads=threads, max_pixels=max_pixels, desc=f"{desc}, {t}")
               for t, m, o in (("cloud", cloud_model, None), ("edge", edge_model, edge_onnx))}
+    return replay_from_logits(images, labels, logits, temperatures=temperatures, threshold=threshold,
+                              class_names=class_names, model_version=model_version)
+
+
+def replay_from_logits(images: list[bytes], labels: np.ndarray, logits: dict, *, temperatures: dict, threshold: float,
+                       class_names: list[str], model_version: str) -> dict:
+    """The cascade's answer for every image from the tiers' ``logits`` (``{"edge", "cloud"}``, rows in the
+    order of ``images``): ``{"threshold", "model_version", "answers": {sha256: {...}}, "edge_probs",
+    "cloud_probs", "edge_logits", "cloud_logits", "labels"}`` (the arrays for the caller's figures; not
+    serialised)."""
+    from components.evaluate.calibration import softmax
+
     cloud, edge = (softmax(logits[t], temperatures[t]) for t in ("cloud", "edge"))
     pred, escalated = cascade_route(edge, cloud, threshold)
     answers = {}
@@ -84,21 +92,19 @@ def agreement(replay: dict, served: list[tuple[bytes, dict]]) -> dict:
     """How many served cascade answers (``(image bytes, response JSON)``) agree with the replay: the
     same class, and the same answering tier; the first disagreements, with both answers."""
     answers = replay["answers"]
-    same_label = same_tier = n = 0
+    same_label = same_tier = 0
     different = []
     for data, got in served:
         want = answers.get(hashlib.sha256(data).hexdigest())
-        if want is None or "label_index" not in got:
-            different.append({"replayed": want, "served": got})
-            n += 1
-            continue
-        n += 1
-        ok_label, ok_tier = got["label_index"] == want["label_index"], got.get("tier") == want["tier"]
+        ok_label = want is not None and got.get("label_index") == want["label_index"]
+        ok_tier = want is not None and got.get("tier") == want["tier"]
         same_label += ok_label
         same_tier += ok_tier
         if not (ok_label and ok_tier) and len(different) < 10:
             different.append({"replayed": want, "served": {k: got.get(k) for k in
-                                                           ("label_index", "tier", "edge_confidence", "threshold")}})
+                                                           ("label_index", "tier", "edge_confidence", "threshold",
+                                                            "status")}})
+    n = len(served)
     return {"n": n, "label_agreement": same_label / max(1, n), "tier_agreement": same_tier / max(1, n),
             "replayed_model_version": replay["model_version"], "threshold": replay["threshold"],
-            "disagreements": different[:10]}
+            "disagreements": different}

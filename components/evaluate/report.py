@@ -24,8 +24,7 @@ def predict_dataset(model, batches, tta: str = "none") -> tuple[np.ndarray, np.n
             with torch.inference_mode():
                 return torch.softmax(model(x.contiguous(memory_format=torch.channels_last)).float(), 1).numpy()
     else:
-        def predict(x: torch.Tensor) -> np.ndarray:
-            return model.predict_proba(np.ascontiguousarray(x.numpy(), dtype=np.float32))
+        predict = model.predict_proba  # float32 NCHW tensors or arrays
 
     ys, ps = [], []
     for b in batches:

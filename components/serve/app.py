@@ -21,9 +21,9 @@ from pathlib import Path
 from components.registry import file_sha256
 from components.serve.args import AppArgs, Deployment, RouterSettings, TierSettings
 from components.serve.router import Router
-from components.serve.tiers import CloudClassifier, EdgeClassifier, Tier, read_model_info
+from components.serve.tiers import CloudClassifier, EdgeClassifier, read_model_info
 
-__all__ = ["AppArgs", "Router", "EdgeClassifier", "CloudClassifier", "Tier", "app_builder", "app_plan",
+__all__ = ["AppArgs", "Router", "EdgeClassifier", "CloudClassifier", "app_builder", "app_plan",
            "build_app", "plan", "plan_app", "resolve_path"]
 
 
