@@ -180,8 +180,13 @@ def train_config(model_name: str, names: list[str], image_size: int, epochs: int
                  batch_size: int = TRAIN_DEFAULTS["batch_size"], lr: float = TRAIN_DEFAULTS["lr"],
                  pretrained: str | None = None, freeze_backbone_epochs: int = 0, backbone_lr_scale: float = 1.0,
                  model_kwargs: dict | None = None) -> dict:
-    """The worker config of ``components.train.loop.train_loop_per_worker``, built as the train stage builds it."""
+    """The worker config of ``components.train.loop.train_loop_per_worker`` (every key of
+    ``components.train.settings.LOOP_KEYS``): streamed data, fp32, cosine, no recipe option, as measured."""
+    from components.data.images import DEFAULT_MAX_PIXELS
+    from components.train.settings import RECIPE_OFF
+
     return {
+        **RECIPE_OFF, "precision": "fp32", "data_cache": "stream", "schedule": "cosine", "max_pixels": DEFAULT_MAX_PIXELS,
         "model_name": model_name, "model_kwargs": dict(model_kwargs or {}), "num_classes": len(names),
         "class_names": list(names), "in_chans": 1, "image_size": image_size, "epochs": epochs,
         "batch_size": batch_size, "lr": lr, "weight_decay": TRAIN_DEFAULTS["weight_decay"],
@@ -203,7 +208,7 @@ def train_model(cfg: dict, train_dir: Path, val_dir: Path, out_model: Path, stor
     t0 = time.perf_counter()
     res = fit(cfg, train_dir, val_dir, storage, out_model, num_workers=RAY_RESOURCES["num_workers"],
               cpus_per_worker=RAY_RESOURCES["cpus_per_worker"], data_cpus=RAY_RESOURCES["data_cpus"],
-              max_failures=0, keep_checkpoints=1, online_policy=online_policy)
+              max_failures=0, keep_checkpoints=1, online_policy=online_policy, use_gpu=False, select_by="last")
     wall = time.perf_counter() - t0
     shutil.rmtree(res.run_dir, ignore_errors=True)
     return {"model_path": str(out_model), "wall_seconds": wall, "history": res.history,

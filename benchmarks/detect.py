@@ -168,6 +168,11 @@ def print_table(results: dict, s: int) -> None:
                           f"ms/frame @{s}", "ms/frame @416"], table))
 
 
+# one worker of one CPU next to 0.5 CPU of Ray Data tasks, no retries, the last epoch exported
+DETECT_FIT = dict(num_workers=1, cpus_per_worker=1.0, data_cpus=0.5, max_failures=0, keep_checkpoints=1,
+                  online_policy="conveyor", use_gpu=False, select_by="last")
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--images", type=int, default=400)
@@ -210,11 +215,10 @@ def main(argv: list[str] | None = None) -> dict:
         cfg = {**{k: meta[k] for k in ("model_name", "num_classes", "in_chans", "image_size", "class_names")},
                "model_kwargs": meta["model_kwargs"], "epochs": args.epochs, "batch_size": args.batch_size,
                "lr": args.lr, "weight_decay": 5e-4, "shuffle_buffer": 64, "threads_per_worker": args.threads,
-               "seed": args.seed, "warmup_steps": 50, "wandb": {"mode": "disabled"},
+               "seed": args.seed, "warmup_steps": 50, "wandb": {"mode": "disabled"}, "precision": "fp32",
                "run_name": f"bench-detect-{time.time_ns()}"}
         t0 = time.perf_counter()
-        res = fit(cfg, shards, shards, work / "runs", work / "full.pt", num_workers=1, cpus_per_worker=1.0,
-                  data_cpus=0.5, max_failures=0, keep_checkpoints=1, online_policy="conveyor")
+        res = fit(cfg, shards, shards, work / "runs", work / "full.pt", **DETECT_FIT)
         train_seconds = time.perf_counter() - t0
         say(f"trained {args.epochs} epochs in {train_seconds:.0f} s; last val mAP@0.5 {res.history[-1]['val_map_50']:.3f}")
         common.stop_ray()

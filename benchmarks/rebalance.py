@@ -44,6 +44,7 @@ from common import (ONLINE_POLICY, RAY_INIT, RAY_RESOURCES, RESULTS, ROOT, SPLIT
                     elpv_frame, environment_info, evaluate_model_file, fmt_mean_std, headline, label_counts,
                     markdown_table, mean_std, parse_ints, prepared_elpv, say, start_ray, stop_ray, stratified_subset,
                     train_config, train_model)
+from components.data.images import DEFAULT_MAX_PIXELS
 from components.data.shards import write_shards
 from components.models import list_models
 from components.rebalance import OVER_SAMPLERS, STRATEGIES, parse_strategy, rebalance_frame
@@ -54,8 +55,10 @@ DEFAULT_TARGET_RATIO = 0.35  # params.yaml rebalance.target_ratio
 # change when someone edits params.yaml; every value goes into the JSON.
 SMOTE_DEFAULTS = dict(size=64, k_neighbors=5)  # rebalance.smote
 GAN_DEFAULTS = dict(batch_size=64, lr=2e-4, lr_d=2e-4, betas=(0.0, 0.9), loss="hinge", z_dim=128, base_channels=32,
-                    d_steps=1, num_workers=1, cpus_per_worker=1.0, threads_per_worker=2)  # gan.* but epochs, size
+                    d_steps=1, num_workers=1, cpus_per_worker=1.0, threads_per_worker=2,
+                    precision="fp32")  # gan.* but epochs and size; fp32 as the committed results were measured
 QUALITY_DEFAULTS = dict(samples_per_class=64, image_size=32, epochs=8)  # gan.quality
+QUALITY_GATES = dict(max_fd=None, max_fd_ratio=None, min_class_accuracy=None, min_relative_class_accuracy=None)
 METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "mcc")
 RESAMPLERS = ("random_under", *OVER_SAMPLERS)  # the steps that use target_ratio
 
@@ -133,9 +136,12 @@ def train_generator(real, names: list[str], work: Path, grid_path: Path, image_s
     real = real[[c for c in real.columns if c not in ("cell_type", "probability")]]
     say(f"training the GAN on {len(real)} real training images: {epochs} epochs at {image_size}px")
     t0 = time.perf_counter()
-    res = train_gan(real, work / "gan", image_size=image_size, in_chans=1, num_classes=len(names), class_names=names,
-                    epochs=epochs, seed=seed, storage_path=work / "gan-storage", max_failures=0, keep_checkpoints=1,
-                    run_name=f"bench-gan-{time.time_ns()}", **GAN_DEFAULTS)
+    from components.config import GanConfig, section
+
+    cfg = section(GanConfig, dict(GAN_DEFAULTS, image_size=image_size, epochs=epochs, max_failures=0, keep_checkpoints=1,
+                                  storage_path=str(work / "gan-storage"), quality=dict(QUALITY_DEFAULTS, **QUALITY_GATES)))
+    res = train_gan(real, work / "gan", cfg, in_chans=1, num_classes=len(names), class_names=names, seed=seed,
+                    max_pixels=DEFAULT_MAX_PIXELS, run_name=f"bench-gan-{time.time_ns()}")
     train_seconds = time.perf_counter() - t0
     shutil.rmtree(res.run_dir, ignore_errors=True)
     epoch_seconds = sum(h["seconds"] for h in res.history)

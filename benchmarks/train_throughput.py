@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from components.augment.operator import AugmentOperator
+from components.data.images import DEFAULT_MAX_PIXELS
 from components.data.prepare import prepare_dataset
 from components.data.shards import read_shards, write_shards
 from components.data.sources import get_source
@@ -39,6 +40,7 @@ from components.models import create_model
 from components.train import fit, image_dataset
 from components.train.memory import standardise
 from components.train.precision import autocast
+from components.train.settings import RECIPE_OFF
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
@@ -98,14 +100,15 @@ def data_pipeline_only(shards: Path, image_size: int, batch_size: int, policy: s
 def ray_train(shards: Path, work: Path, image_size: int, batch_size: int, workers: int, epochs: int, *,
               cache: str, precision: str, policy: str) -> dict:
     threads = max(1, 2 // workers)
-    cfg = dict(model_name="resnet18", num_classes=4, class_names=["0", "1", "2", "3"], in_chans=1,
+    cfg = dict(RECIPE_OFF, schedule="cosine", max_pixels=DEFAULT_MAX_PIXELS, model_name="resnet18", num_classes=4, class_names=["0", "1", "2", "3"], in_chans=1,
                image_size=image_size, epochs=epochs, batch_size=batch_size, lr=1e-3, weight_decay=0.05,
                label_smoothing=0.1, shuffle_buffer=0, class_weights=None, threads_per_worker=threads, seed=0,
                wandb={"mode": "disabled"}, data_cache=cache, precision=precision,
                run_name=f"bench-{workers}w-{cache}-{precision}-{time.time_ns()}")
     t0 = time.perf_counter()
     res = fit(cfg, shards, shards, work / "ckpt", work / f"model-{workers}.pt", num_workers=workers,
-              cpus_per_worker=1.0 / workers, data_cpus=0.5, max_failures=0, online_policy=policy)
+              cpus_per_worker=1.0 / workers, data_cpus=0.5, max_failures=0, keep_checkpoints=2, online_policy=policy,
+              use_gpu=False, select_by="last")
     wall = time.perf_counter() - t0
     per_epoch = [h["images_per_second"] for h in res.history]
     steady = float(np.mean(per_epoch[1:] or per_epoch))  # after the first epoch: no start-up in it

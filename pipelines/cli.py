@@ -12,7 +12,9 @@ from components import ResopsError
 def _params(args):
     from pipelines.params import load_params
 
-    return load_params(args.params, args.set)
+    params = load_params(args.params, args.set)
+    params.config  # every section typed and checked before anything runs (components.config)
+    return params
 
 
 def pipeline_stages(params) -> dict:

@@ -165,13 +165,8 @@ def gan(p: Params) -> dict:
     real = read_shards(PREPARED / "shards", split="train")
     g = p("gan")
     init_ray(p)
-    res = train_gan(real, GAN_DIR, image_size=g["image_size"], in_chans=p("data.in_chans"),
-                    num_classes=len(prep["class_names"]), class_names=prep["class_names"], epochs=g["epochs"],
-                    batch_size=g["batch_size"], lr=g["lr"], lr_d=g["lr_d"], betas=tuple(g["betas"]), loss=g["loss"],
-                    z_dim=g["z_dim"], base_channels=g["base_channels"], d_steps=g["d_steps"], seed=p("seed"),
-                    num_workers=g["num_workers"], cpus_per_worker=g["cpus_per_worker"],
-                    threads_per_worker=g["threads_per_worker"], keep_checkpoints=g["keep_checkpoints"],
-                    storage_path=g["storage_path"], max_pixels=p("data.max_image_pixels"), precision=g["precision"])
+    res = train_gan(real, GAN_DIR, p.config.gan, in_chans=p("data.in_chans"), num_classes=len(prep["class_names"]),
+                    class_names=prep["class_names"], seed=p("seed"), max_pixels=p("data.max_image_pixels"))
     grid = save_sample_grid(res.generator_path, real, GAN_REPORTS / "samples.png", seed=p("seed"))
     q = g["quality"]
     fakes = generate(res.generator_path, {k: int(q["samples_per_class"]) for k in range(len(prep["class_names"]))},

@@ -132,7 +132,7 @@ def train(p: Params) -> dict:
               num_workers=p("train.num_workers"), cpus_per_worker=p("train.cpus_per_worker"),
               use_gpu=p("train.use_gpu"), data_cpus=p("augment.cpus_per_task"), max_failures=p("train.max_failures"),
               keep_checkpoints=p("train.keep_checkpoints"), online_policy=p("augment.policy"),
-              data_digest=prep["data_digest"])
+              data_digest=prep["data_digest"], select_by="last")
     last = res.history[-1]
     summary = record_training(res, t0, anchors=anchor_info)
     say(f"train: {len(res.history)} epochs, val mAP@0.5 {last['val_map_50']:.3f}, mAP@0.5:0.95 "

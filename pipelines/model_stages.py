@@ -17,23 +17,14 @@ def train(p: Params) -> dict:
     from components.data.prepare import load_report
     from components.train import fit
     from components.train.precision import describe as describe_precision
+    from components.train.settings import loop_config
     from pipelines.datasets import split_batches
 
     prep = load_report(PREPARED)
     weights = json.loads((REBALANCED / "rebalance.json").read_text())["class_weights"]
-    cfg = {
-        "model_name": p("model.name"),
-        "model_kwargs": dict(p("model.kwargs") or {}) | ({"head": p("model.head")} if p("model.head") != "softmax" else {}),
-        "num_classes": len(prep["class_names"]), "class_names": prep["class_names"], "in_chans": p("data.in_chans"),
-        "image_size": p("model.image_size"), "epochs": p("train.epochs"), "batch_size": p("train.batch_size"),
-        "lr": p("train.lr"), "weight_decay": p("train.weight_decay"), "label_smoothing": p("train.label_smoothing"),
-        "shuffle_buffer": p("train.shuffle_buffer"), "class_weights": weights,
-        "threads_per_worker": p("train.threads_per_worker"), "seed": p("seed"), "wandb": dict(p("wandb")),
-        "freeze_backbone_epochs": p("train.freeze_backbone_epochs"), "backbone_lr_scale": p("train.backbone_lr_scale"),
-        "pretrained": None, "precision": p("train.precision"), "data_cache": p("train.data_cache"),
-        "schedule": p("train.schedule"), "warmup": p("train.warmup"), "budget_minutes": p("train.budget_minutes"),
-        "ema_decay": p("train.ema_decay"), "mix": dict(p("train.mix")),
-    }
+    c = p.config
+    cfg = loop_config(c.train, c.model, class_names=prep["class_names"], in_chans=c.data.in_chans, seed=c.seed,
+                      class_weights=weights, wandb=c.wandb.model_dump(), max_pixels=c.data.max_image_pixels)
     from components.models import create_model
 
     # Built once here, before any Ray worker starts: an unknown variant or a bad option fails the

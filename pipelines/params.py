@@ -33,9 +33,20 @@ class ParamsError(KeyError):
 
 
 class Params(dict):
-    """A dict of params with ``p.get_path("train.epochs")`` that names a missing key clearly."""
+    """A dict of params with ``p.get_path("train.epochs")`` that names a missing key clearly, and
+    ``p.config``: the same values typed, section by section (:mod:`components.config`)."""
 
     source: str = "params.yaml"
+    _config = None
+
+    @property
+    def config(self):
+        """The validated sections (built once; a missing, unknown or mistyped key fails here)."""
+        if self._config is None:
+            from components.config import load_config
+
+            self._config = load_config(self, self.source)
+        return self._config
 
     def get_path(self, dotted: str) -> Any:
         node: Any = self

@@ -37,7 +37,8 @@ def test_prepare_writes_boxes_and_a_split_by_image(prepared):
 def _cfg(**over) -> dict:
     cfg = dict(model_name="resnet18_yolo", model_kwargs={"width": 0.5}, num_classes=2, class_names=["coal", "gangue"],
                in_chans=3, image_size=64, epochs=2, batch_size=8, lr=1e-3, weight_decay=0.0005, shuffle_buffer=0,
-               threads_per_worker=1, seed=0, warmup_steps=5, wandb={"mode": "disabled"}, run_name="det-test")
+               threads_per_worker=1, seed=0, warmup_steps=5, wandb={"mode": "disabled"}, precision="fp32",
+               run_name="det-test")
     cfg.update(over)
     return cfg
 
@@ -47,7 +48,7 @@ def test_detector_trains_with_checkpoints_and_resumes(ray_address, prepared, tmp
     shards = root / "prepared" / "shards"
     storage = tmp_path / "runs"
     kwargs = dict(num_workers=1, cpus_per_worker=1.0, data_cpus=0.5, max_failures=0, keep_checkpoints=2,
-                  online_policy="conveyor")
+                  online_policy="conveyor", use_gpu=False, select_by="last")
     first = fit(_cfg(epochs=1), shards, shards, storage, tmp_path / "m1.pt", **kwargs)
     assert [h["epoch"] for h in first.history] == [1]
     model, meta = load_model(tmp_path / "m1.pt")

@@ -14,6 +14,7 @@ from components.models import create_model
 from components.models.checkpoint import load_payload
 from components.models.transfer import PretrainedWeightsError
 from components.train import fit
+from components.train.settings import RECIPE_OFF
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +29,11 @@ def tiny(tmp_path_factory):
 
 
 def _cfg(report: dict, **kw) -> dict:
-    return dict(model_name="resnet18", num_classes=len(report["class_names"]), class_names=report["class_names"],
-                in_chans=1, image_size=32, epochs=2, batch_size=16, lr=1e-3, weight_decay=0.0, label_smoothing=0.0,
-                shuffle_buffer=0, class_weights=None, threads_per_worker=1, seed=0, wandb={"mode": "disabled"}) | kw
+    return RECIPE_OFF | dict(
+        schedule="cosine", max_pixels=50_000_000, data_cache="stream", precision="fp32", model_name="resnet18",
+        num_classes=len(report["class_names"]), class_names=report["class_names"], in_chans=1, image_size=32,
+        epochs=2, batch_size=16, lr=1e-3, weight_decay=0.0, label_smoothing=0.0, shuffle_buffer=0,
+        class_weights=None, threads_per_worker=1, seed=0, wandb={"mode": "disabled"}) | kw
 
 
 def test_pretrained_frozen_backbone_then_full_finetune(ray_address, tiny):
@@ -39,7 +42,8 @@ def test_pretrained_frozen_backbone_then_full_finetune(ray_address, tiny):
     cfg = _cfg(report, pretrained=str(weights), freeze_backbone_epochs=1, backbone_lr_scale=0.1)
     storage = root / "ckpt"
     res = fit(cfg, root / "prepared/shards", root / "prepared/shards", storage, root / "model.pt",
-              num_workers=1, cpus_per_worker=1, data_cpus=0.5, max_failures=0, online_policy=None)
+              num_workers=1, cpus_per_worker=1, data_cpus=0.5, max_failures=0, online_policy=None, use_gpu=False,
+              keep_checkpoints=2, select_by="last")
     epoch1 = load_payload(next(storage.glob("*/epoch_0001")) / "model.pt")["state_dict"]
     final = load_payload(root / "model.pt")["state_dict"]
     # Epoch 1: the backbone is exactly the pretrained one (grayscale stem = sum of the RGB filters) ...

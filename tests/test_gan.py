@@ -4,22 +4,33 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from components.data.images import decode_image, encode_png
+from components.config import GanConfig, section
+from components.data.images import DEFAULT_MAX_PIXELS, decode_image, encode_png
 from components.data.sources import synthetic_image
 from components.rebalance import rebalance_frame
 from components.rebalance.gan import (GENERATOR_FILE, GeneratorFileError, generate, load_generator, save_sample_grid,
                                       train_gan, weights_version)
 from components.rebalance.quality import GeneratorRejected, check_quality, frechet_distance, quality_report
+from pipelines.params import load_params
 
 SIZE = 16
-GAN = dict(image_size=SIZE, in_chans=1, num_classes=2, batch_size=16, lr=2e-4, seed=0, z_dim=16, base_channels=8,
-           cpus_per_worker=1, max_failures=0)
+ROOT = Path(__file__).resolve().parents[1]
+GAN = dict(in_chans=1, num_classes=2, seed=0, max_pixels=DEFAULT_MAX_PIXELS)
+# params.yaml's gan section, made tiny (the library has no defaults: every setting comes from the section)
+TINY = dict(image_size=SIZE, batch_size=16, z_dim=16, base_channels=8, threads_per_worker=1, max_failures=0,
+            precision="fp32")
+
+
+def gan_config(storage: Path, epochs: int) -> GanConfig:
+    return section(GanConfig, {**load_params(ROOT / "params.yaml")("gan"), **TINY, "epochs": epochs,
+                               "storage_path": str(storage)})
 
 
 def cells(labels, size: int, seed: int) -> list[bytes]:
@@ -49,7 +60,7 @@ def gan_data():
 def trained(ray_address, gan_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("gan")
     t0 = time.perf_counter()
-    res = train_gan(gan_data[1], root / "out", epochs=2, storage_path=root / "ckpt", class_names=["ok", "spot"], **GAN)
+    res = train_gan(gan_data[1], root / "out", gan_config(root / "ckpt", 2), class_names=["ok", "spot"], **GAN)
     return res, root, time.perf_counter() - t0
 
 
@@ -74,7 +85,7 @@ def test_train_gan_writes_a_versioned_generator_and_epoch_checkpoints(trained):
 
 def test_raising_epochs_resumes_from_the_last_checkpoint(trained, gan_data):
     res, root, _ = trained
-    more = train_gan(gan_data[1], root / "more", epochs=3, storage_path=root / "ckpt", **GAN)
+    more = train_gan(gan_data[1], root / "more", gan_config(root / "ckpt", 3), **GAN)
     assert more.run_dir == res.run_dir
     assert [(h["epoch"], h["start_epoch"]) for h in more.history] == [(1, 0), (2, 0), (3, 2)]
     assert more.version != res.version and more.meta["train"]["epochs"] == 3

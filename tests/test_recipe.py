@@ -26,6 +26,7 @@ from components.train import precision as precision_mod
 from components.train.loop import lr_factor
 from components.train.memory import MemorySplit, epoch_order, standardise
 from components.train.precision import autocast, cpu_flags, resolve_precision
+from components.train.settings import RECIPE_OFF
 
 SIZE = 32
 
@@ -510,10 +511,11 @@ def _run_loop(monkeypatch, tmp, **cfg_overrides) -> tuple[list[dict], list[dict]
     monkeypatch.setattr(ray.train, "report", report)
     monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cpu"))
     monkeypatch.setattr(ray.train.torch, "prepare_model", lambda model: model)
-    cfg = dict(model_name="resnet18", num_classes=2, class_names=["a", "b"], in_chans=1, image_size=8, epochs=2,
-               batch_size=4, lr=0.01, weight_decay=0.0, label_smoothing=0.0, threads_per_worker=1, seed=0,
-               data_cache="memory", precision="fp32", online_policy=None, wandb={"mode": "disabled"},
-               run_name="fake", **files) | cfg_overrides
+    cfg = RECIPE_OFF | dict(
+        schedule="cosine", max_pixels=50_000_000, shuffle_buffer=0, model_name="resnet18", num_classes=2,
+        class_names=["a", "b"], in_chans=1, image_size=8, epochs=2, batch_size=4, lr=0.01, weight_decay=0.0,
+        label_smoothing=0.0, threads_per_worker=1, seed=0, data_cache="memory", precision="fp32", online_policy=None,
+        wandb={"mode": "disabled"}, run_name="fake", **files) | cfg_overrides
     torch_threads, ray_before = torch.get_num_threads(), ray.is_initialized()
     try:
         loop.train_loop_per_worker(cfg)

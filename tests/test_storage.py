@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from components import storage
+from components.train.settings import RECIPE_OFF
 from tests.conftest import free_port
 
 
@@ -106,12 +107,14 @@ def test_ray_train_checkpoints_on_s3_and_resume(ray_address, s3, tmp_path, monke
     get_source("synthetic").ingest(tmp_path / "raw", num_images=60, image_size=16, num_classes=2, seed=3)
     rep = prepare_dataset(tmp_path / "raw", tmp_path / "prepared", "synthetic", "multiclass", seed=3).report
     shards = tmp_path / "prepared" / "shards"
-    cfg = dict(model_name="resnet18", num_classes=2, class_names=rep["class_names"], in_chans=1, image_size=16,
-               epochs=1, batch_size=16, lr=1e-3, weight_decay=0.05, label_smoothing=0.0, shuffle_buffer=0,
-               class_weights=None, threads_per_worker=1, seed=0, wandb={"mode": "offline", "dir": "wandb"},
-               run_name="s3-run")
+    cfg = RECIPE_OFF | dict(
+        schedule="cosine", max_pixels=50_000_000, data_cache="stream", precision="fp32", model_name="resnet18",
+        num_classes=2, class_names=rep["class_names"], in_chans=1, image_size=16, epochs=1, batch_size=16, lr=1e-3,
+        weight_decay=0.05, label_smoothing=0.0, shuffle_buffer=0, class_weights=None, threads_per_worker=1, seed=0,
+        wandb={"mode": "offline", "dir": "wandb"}, run_name="s3-run")
     where = storage.join(s3, "checkpoints")
-    kwargs = dict(num_workers=1, cpus_per_worker=1, data_cpus=0.5, online_policy=None, data_digest=rep["data_digest"])
+    kwargs = dict(num_workers=1, cpus_per_worker=1, data_cpus=0.5, online_policy=None, data_digest=rep["data_digest"],
+                  use_gpu=False, max_failures=2, keep_checkpoints=2, select_by="last")
     first = fit(cfg, shards, shards, where, tmp_path / "m1.pt", **kwargs)
     assert first.run_dir == storage.join(where, "s3-run") and [h["epoch"] for h in first.history] == [1]
     fs, path = storage.filesystem(first.run_dir)

@@ -22,15 +22,17 @@ from components.data.sources import get_source
 from components.train import fit
 from components.train.loop import MODEL_FILE, STATE_FILE
 from components.train.precision import cpu_has_native_bf16, resolve_precision
+from components.train.settings import RECIPE_OFF
 
 LR = 1e-3
 
 
 def _config(class_names: list[str], **overrides) -> dict:
-    cfg = dict(model_name="resnet18", num_classes=len(class_names), class_names=class_names, in_chans=1,
-               image_size=32, epochs=5, batch_size=16, lr=LR, weight_decay=0.05, label_smoothing=0.0,
-               shuffle_buffer=0, class_weights=None, threads_per_worker=1, seed=0, data_cache="memory",
-               precision="fp32", wandb={"mode": "disabled"}, run_name=f"test-{uuid.uuid4().hex[:10]}")
+    cfg = RECIPE_OFF | dict(
+        schedule="cosine", max_pixels=50_000_000, model_name="resnet18", num_classes=len(class_names),
+        class_names=class_names, in_chans=1, image_size=32, epochs=5, batch_size=16, lr=LR, weight_decay=0.05,
+        label_smoothing=0.0, shuffle_buffer=0, class_weights=None, threads_per_worker=1, seed=0, data_cache="memory",
+        precision="fp32", wandb={"mode": "disabled"}, run_name=f"test-{uuid.uuid4().hex[:10]}")
     return cfg | overrides
 
 
@@ -67,7 +69,7 @@ def test_select_by_exports_the_best_epoch_not_the_last(ray_address, data, monkey
     cfg = _config(class_names, epochs=5, precision="auto")
     storage = root / "ckpt-select"
     res = fit(cfg, shards, flipped, storage, root / "best.pt", num_workers=1, cpus_per_worker=1, data_cpus=0.5,
-              max_failures=0, keep_checkpoints=10, online_policy=None, select_by="val_accuracy")
+              max_failures=0, keep_checkpoints=10, online_policy=None, select_by="val_accuracy", use_gpu=False)
     history = res.history
     accs = [h["val_accuracy"] for h in history]
     print("val_accuracy per epoch:", accs, "train_accuracy:", [h["train_accuracy"] for h in history])

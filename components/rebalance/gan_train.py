@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 
 from components import storage as _storage
+from components.config import GanConfig
 from components.data.images import DEFAULT_MAX_PIXELS, decode_image
 from components.models.checkpoint import unwrap
 from components.progress import RemoteBar
@@ -301,46 +302,42 @@ def _export(state: dict, cfg: dict, out_dir, *, rows: int, counts: dict[int, int
     return path, meta, history
 
 
-def train_gan(frame_or_shards: pd.DataFrame | str | os.PathLike | Sequence[str], out_dir: str | os.PathLike, *,
-              image_size: int = 64, in_chans: int = 1, num_classes: int, epochs: int = 100, batch_size: int = 64,
-              lr: float = 2e-4, seed: int = 42, num_workers: int = 1, storage_path: str | os.PathLike,
-              z_dim: int = 128, base_channels: int = 64, embed_dim: int | None = None, loss: str = "hinge",
-              betas: Sequence[float] = (0.0, 0.9), lr_d: float | None = None, d_steps: int = 1,
-              class_names: Sequence[str] | None = None, cpus_per_worker: float = 1.0, threads_per_worker: int = 1,
-              max_failures: int = 2, keep_checkpoints: int = 2, max_pixels: int = DEFAULT_MAX_PIXELS,
-              decode_threads: int = 2, run_name: str | None = None, precision: str = "fp32") -> GanResult:
+def train_gan(frame_or_shards: pd.DataFrame | str | os.PathLike | Sequence[str], out_dir: str | os.PathLike,
+              cfg: GanConfig, *, in_chans: int, num_classes: int, seed: int, max_pixels: int,
+              class_names: Sequence[str] | None = None, decode_threads: int = 2, run_name: str | None = None) -> GanResult:
     """Train a class-conditional DCGAN on the real training rows and write ``out_dir/generator.pt``.
 
-    ``frame_or_shards``: a frame (image, label[, split, source]) or a shards directory / list of
-    Parquet files; only rows with split "train" (when present) and a non-synthetic source are
-    used, decoded once on the driver (:func:`load_training_images`) and shared with the
-    ``num_workers`` Ray Train workers (DDP when > 1) through the object store.
-    ``batch_size`` is per worker (capped by the rows a worker has); one epoch is one pass over the
-    real rows. Adam with ``betas`` (0, 0.9) and spectral norm suit the hinge loss; ``lr_d``
-    (default ``lr``) and ``d_steps`` D updates per G update tune the balance.
-    Checkpoints go to ``storage_path/<run name>/epoch_NNNN`` (a re-run resumes, see
+    ``cfg`` is params.yaml's ``gan`` section (:class:`components.config.GanConfig`: every training
+    setting, no defaults here). ``frame_or_shards``: a frame (image, label[, split, source]) or a shards
+    directory / list of Parquet files; only rows with split "train" (when present) and a non-synthetic
+    source are used, decoded once on the driver (:func:`load_training_images`) and shared with the
+    ``cfg.num_workers`` Ray Train workers (DDP when > 1) through the object store.
+    ``cfg.batch_size`` is per worker (capped by the rows a worker has); one epoch is one pass over the
+    real rows. Adam with ``betas`` (0, 0.9) and spectral norm suit the hinge loss; ``lr_d`` (null:
+    ``lr``) and ``d_steps`` D updates per G update tune the balance.
+    Checkpoints go to ``cfg.storage_path/<run name>/epoch_NNNN`` (a re-run resumes, see
     :func:`gan_run_name`). Also writes ``out_dir/gan.json`` (metadata and per-epoch history).
     """
     import ray
 
-    _check_settings(image_size, in_chans, loss, epochs)
+    image_size, num_workers = cfg.image_size, cfg.num_workers
+    _check_settings(image_size, in_chans, cfg.loss, cfg.epochs)
     images, labels, digest = load_training_images(frame_or_shards, image_size, in_chans, max_pixels, decode_threads)
     counts = {int(k): int(v) for k, v in sorted(pd.Series(labels).value_counts().items())}
     rows = len(labels)
     _check_rows(counts, rows, num_classes, num_workers)
-    bs = max(1, min(int(batch_size), rows // num_workers))
+    bs = max(1, min(cfg.batch_size, rows // num_workers))
     names = [str(n) for n in class_names] if class_names is not None else [str(i) for i in range(num_classes)]
-    cfg = dict(num_classes=int(num_classes), image_size=int(image_size), in_chans=int(in_chans), z_dim=int(z_dim),
-               base_channels=int(base_channels), embed_dim=int(embed_dim or z_dim), loss=loss,
-               betas=[float(b) for b in betas], lr=float(lr), lr_d=float(lr_d if lr_d is not None else lr),
-               d_steps=int(d_steps), batch_size=bs, seed=int(seed),
-               num_workers=int(num_workers), epochs=int(epochs), threads_per_worker=int(threads_per_worker),
-               steps_per_epoch=max(1, rows // (bs * num_workers)), class_names=names, precision=precision)
-    name = run_name or gan_run_name(cfg, digest)
-    storage = _storage.resolve(storage_path)  # an absolute path or a URI (s3://...)
-    state = _fit(dict(cfg, data=ray.put({"images": images, "labels": labels})), name, storage, num_workers,
-                 cpus_per_worker, max_failures, keep_checkpoints)
-    path, meta, history = _export(state, cfg, out_dir, rows=rows, counts=counts, digest=digest, name=name)
+    loop = dict(num_classes=int(num_classes), image_size=image_size, in_chans=int(in_chans), z_dim=cfg.z_dim,
+                base_channels=cfg.base_channels, embed_dim=cfg.z_dim, loss=cfg.loss, betas=list(cfg.betas),
+                lr=cfg.lr, lr_d=cfg.lr_d if cfg.lr_d is not None else cfg.lr, d_steps=cfg.d_steps, batch_size=bs,
+                seed=int(seed), num_workers=num_workers, epochs=cfg.epochs, threads_per_worker=cfg.threads_per_worker,
+                steps_per_epoch=max(1, rows // (bs * num_workers)), class_names=names, precision=cfg.precision)
+    name = run_name or gan_run_name(loop, digest)
+    storage = _storage.resolve(cfg.storage_path)  # an absolute path or a URI (s3://...)
+    state = _fit(dict(loop, data=ray.put({"images": images, "labels": labels})), name, storage, num_workers,
+                 cfg.cpus_per_worker, cfg.max_failures, cfg.keep_checkpoints)
+    path, meta, history = _export(state, loop, out_dir, rows=rows, counts=counts, digest=digest, name=name)
     run_dir = _storage.join(storage, name)
     return GanResult(path, meta["version"], history, run_dir if _storage.is_uri(run_dir) else Path(run_dir), meta)
 

@@ -45,7 +45,6 @@ Errors are JSON ``{"error": "<what is wrong>"}`` and never take the server down:
     422  no ``file`` field, an image smaller than ``min_image_side``, a bad ``mode`` or ``threshold``
 """
 # No `from __future__ import annotations` here: Serve ships the Router class to its replica by value
-# No `from __future__ import annotations` here: Serve ships the Router class to its replica by value
 # (cloudpickle), with only the globals its code uses, so string annotations such as "Request" could
 # not be resolved there and FastAPI would take `request` for a query parameter.
 
@@ -67,6 +66,7 @@ from components.http.schema import (DETECT_ERRORS, EXPLAIN_ERRORS, MODES, PREDIC
                                      BatchDetectResponse, BatchPredictResponse, DetectResponse, ErrorResponse,
                                      ExplainResponse, HealthResponse, ModelsResponse, PredictResponse,
                                      SignalPredictResponse)
+from components.serve.cascade import Trace, escalates
 from components.serve.metrics import RouterMetrics
 from components.serve.tiers import IngressEdge
 
@@ -130,8 +130,7 @@ class Router:
     # ------------------------------------------------------------------ routing
     async def classify(self, data: bytes, mode: str, threshold: float) -> dict:
         """One image through the tiers ``mode`` names; escalate iff the edge confidence < threshold."""
-        start = time.perf_counter()
-        latency, batch_sizes, versions = {}, {}, {}
+        trace = Trace()
         edge_conf, result, decoded, edge_result, cloud_result = None, None, None, None, None
         t = time.perf_counter()
         if self.local_edge is not None:  # decoded here once; the edge model runs in this replica
@@ -142,10 +141,9 @@ class Router:
             self.metrics.refused(result["reason"])
             return result
         if mode in ("edge", "cascade"):
-            latency["edge"] = (time.perf_counter() - t) * 1000.0
-            edge_result, edge_conf, tier = result, result["confidence"], "edge"
-            batch_sizes["edge"], versions["edge"] = result["batch_size"], result["model_version"]
-        escalate = mode == "cloud" or (mode == "cascade" and edge_conf < threshold)
+            trace.record("edge", t, result)
+            edge_result, edge_conf = result, result["confidence"]
+        escalate = escalates(mode, edge_conf is not None and edge_conf < threshold)
         # drift: the input's histogram from whoever decoded it; the cloud embedding of a random sample
         embed = self.drift is not None and self.embed_rate > 0 and self._rng.random() < self.embed_rate
         cloud_input = None
@@ -157,22 +155,20 @@ class Router:
             t = time.perf_counter()
             result = await self._cloud_call(data if cloud_input is None else cloud_input, embed=embed,
                                             histogram=self.drift is not None and decoded is None and edge_result is None)
-            latency["cloud"] = (time.perf_counter() - t) * 1000.0
             if "error" in result:
                 self.metrics.refused(result["reason"])
                 return result
-            tier, cloud_result = "cloud", result
-            batch_sizes["cloud"], versions["cloud"] = result["batch_size"], result["model_version"]
+            trace.record("cloud", t, result)
+            cloud_result = result
         elif embed:  # not escalated: the cloud embeds it in the background, for the drift watch only
             task = asyncio.create_task(self._embed_only(data if cloud_input is None else cloud_input))
             self._embed_tasks.add(task)
             task.add_done_callback(self._embed_tasks.discard)
-        latency["total"] = (time.perf_counter() - start) * 1000.0
         answer = {"label": result["label"], "label_index": result["label_index"],
-                  "probabilities": result["probabilities"], "tier": tier, "mode": mode,
+                  "probabilities": result["probabilities"], "tier": trace.tier, "mode": mode,
                   "escalated": mode == "cascade" and escalate, "edge_confidence": edge_conf,
                   "threshold": threshold if mode == "cascade" else None, "model_name": result["model_name"],
-                  "model_versions": versions, "batch_size": batch_sizes, "latency_ms": latency}
+                  "model_versions": trace.versions, "batch_size": trace.batch_sizes, "latency_ms": trace.finish()}
         self.metrics.answered(answer)
         if self.feedback is not None:
             self.feedback.offer(data, answer, threshold=threshold, edge=edge_result, cloud=cloud_result)
@@ -242,29 +238,25 @@ class Router:
     async def detect_one(self, data: bytes, mode: str, threshold: float, score_threshold: float,
                          iou_threshold: float) -> dict:
         """One image through the detector tiers; cascade escalates when the edge found an uncertain box."""
-        start = time.perf_counter()
-        latency, versions = {}, {}
+        trace = Trace()
         escalate = mode == "cloud"
         if mode in ("edge", "cascade"):
             t = time.perf_counter()
             result = await self.edge.detect.remote(data, score_threshold, iou_threshold, self.max_detections)
-            latency["edge"] = (time.perf_counter() - t) * 1000.0
             if "error" in result:
                 return result
-            tier, versions["edge"] = "edge", result["model_version"]
-            escalate = mode == "cascade" and any(d["score"] < threshold for d in result["detections"])
+            trace.record("edge", t, result)
+            escalate = escalates(mode, any(d["score"] < threshold for d in result["detections"]))
         if escalate:
             t = time.perf_counter()
             result = await self.cloud.detect.remote(data, score_threshold, iou_threshold, self.max_detections)
-            latency["cloud"] = (time.perf_counter() - t) * 1000.0
             if "error" in result:
                 return result
-            tier, versions["cloud"] = "cloud", result["model_version"]
-        latency["total"] = (time.perf_counter() - start) * 1000.0
-        return {"detections": result["detections"], "image_size": result["image_size"], "tier": tier, "mode": mode,
-                "escalated": mode == "cascade" and escalate, "score_threshold": score_threshold,
-                "iou_threshold": iou_threshold, "model_name": result["model_name"], "model_versions": versions,
-                "latency_ms": latency}
+            trace.record("cloud", t, result)
+        return {"detections": result["detections"], "image_size": result["image_size"], "tier": trace.tier,
+                "mode": mode, "escalated": mode == "cascade" and escalate, "score_threshold": score_threshold,
+                "iou_threshold": iou_threshold, "model_name": result["model_name"], "model_versions": trace.versions,
+                "latency_ms": trace.finish()}
 
     @api.post("/detect", response_model=DetectResponse | BatchDetectResponse,
               openapi_extra={"requestBody": PREDICT_BODY},

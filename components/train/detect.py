@@ -143,10 +143,10 @@ def detect_loop_per_worker(cfg: dict) -> None:
     steps_per_epoch = max(1, int(cfg.get("train_rows", 0)) // w.world // int(cfg["batch_size"]))
     for epoch in range(start_epoch, epochs):
         batches = train_shard.iter_torch_batches(batch_size=int(cfg["batch_size"]), dtypes=dtypes,
-                                                 local_shuffle_buffer_size=int(cfg.get("shuffle_buffer", 0)) or None,
+                                                 local_shuffle_buffer_size=int(cfg["shuffle_buffer"]) or None,
                                                  prefetch_batches=2)
         tr = _train_epoch(model, batches, optimizer, loss_fn, scaler, w, lr=lr, epoch=epoch, epochs=epochs,
-                          warmup=int(cfg.get("warmup_steps", 50)), step=step,
+                          warmup=int(cfg["warmup_steps"]), step=step,
                           tick=lambda s: post(lambda: min(1.0, s / (epochs * steps_per_epoch)),
                                               lambda: f"epoch {epoch + 1}/{epochs}"))
         step, seen = tr["step"], tr["seen"]

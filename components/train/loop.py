@@ -14,7 +14,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from components.data.images import DEFAULT_MAX_PIXELS
 from components.evaluate.metrics import summary_from_confusion
 from components.models.checkpoint import unwrap
 from components.models.registry import create_model
@@ -175,8 +174,8 @@ class _Schedule:
                  model: nn.Module, history: list[dict], step: int = 0, seconds_done: float = 0.0):
         self.epochs, self.w, self.optimizer, self.base_lrs = int(cfg["epochs"]), w, optimizer, base_lrs
         self.total_steps = max(1, self.epochs * steps_per_epoch)
-        self.budget = float(cfg["budget_minutes"]) * 60 if cfg.get("budget_minutes") else None
-        self.schedule, self.warmup = cfg.get("schedule", "cosine"), float(cfg.get("warmup", 0.0))
+        self.budget = float(cfg["budget_minutes"]) * 60 if cfg["budget_minutes"] else None
+        self.schedule, self.warmup = cfg["schedule"], float(cfg["warmup"])
         self.ema, self.model, self.history = ema, model, history
         self.step, self.seconds_done, self.epoch = step, seconds_done, 0
         self.epoch_start = None  # set while an epoch runs: its time counts towards the budget
@@ -224,7 +223,7 @@ class _EpochData:
         from components.train.memory import MemorySplit
 
         self.cfg, self.w, self.batch_size = cfg, w, int(cfg["batch_size"])
-        self.seed, self.memory = int(cfg["seed"]), cfg.get("data_cache", "stream") == "memory"
+        self.seed, self.memory = int(cfg["seed"]), cfg["data_cache"] == "memory"
         if not self.memory:
             self.train_shard, self.val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
             self.train_mem = self.val_mem = None
@@ -232,7 +231,7 @@ class _EpochData:
             return
         t_load = time.perf_counter()
         common = dict(rank=w.rank, world=w.world, image_size=cfg["image_size"], in_chans=cfg["in_chans"],
-                      max_pixels=int(cfg.get("max_pixels", DEFAULT_MAX_PIXELS)), threads=int(cfg["threads_per_worker"]))
+                      max_pixels=int(cfg["max_pixels"]), threads=int(cfg["threads_per_worker"]))
         self.train_mem = MemorySplit.from_files(cfg["train_files"], None, **common)
         self.val_mem = MemorySplit.from_files(cfg["val_files"], "val", **common).tensors()
         self.train_shard = self.val_shard = None
@@ -250,7 +249,7 @@ class _EpochData:
             order = epoch_order(len(self.train_mem), self.steps_per_epoch, self.batch_size,
                                 self.seed * 100_003 + epoch * 101 + self.w.rank)
             return self.train_mem.batches(order, self.batch_size, self.operator)
-        shuffle = int(self.cfg.get("shuffle_buffer", 0)) or None
+        shuffle = int(self.cfg["shuffle_buffer"]) or None
         return self.train_shard.iter_torch_batches(batch_size=self.batch_size,
                                                    dtypes={"image": torch.float32, "label": torch.int64},
                                                    local_shuffle_buffer_size=shuffle, drop_last=False,
@@ -267,14 +266,14 @@ def _classifier(cfg: dict, w: Worker, checkpoint):
     not at all for the first ``freeze_backbone_epochs`` epochs (linear probing before full
     fine-tuning). Returns (model, optimizer, the groups' base learning rates, backbone parameters).
     """
-    model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg.get("model_kwargs", {}))
-    if cfg.get("pretrained") and not checkpoint:  # a resumed run has its own weights
+    model = create_model(cfg["model_name"], cfg["num_classes"], cfg["in_chans"], **cfg["model_kwargs"])
+    if cfg["pretrained"] and not checkpoint:  # a resumed run has its own weights
         report = load_pretrained(model, cfg["pretrained"], in_chans=cfg["in_chans"])
         if w.rank == 0:
             progress("[train] " + report.summary().replace("\n", "\n[train] "))
     model = model.to(memory_format=torch.channels_last)
     backbone, head = backbone_parameters(model), head_parameters(model)
-    lr, scale = float(cfg["lr"]), float(cfg.get("backbone_lr_scale", 1.0))
+    lr, scale = float(cfg["lr"]), float(cfg["backbone_lr_scale"])
     optimizer = torch.optim.AdamW([{"params": backbone, "lr": lr * scale}, {"params": head, "lr": lr}],
                                   lr=lr, weight_decay=float(cfg["weight_decay"]))
     return model, optimizer, [g["lr"] for g in optimizer.param_groups], backbone
@@ -289,7 +288,7 @@ def _resume(cfg: dict, w: Worker, checkpoint, model: nn.Module, optimizer) -> tu
         optimizer.load_state_dict(state["optimizer"])
         if w.rank == 0:
             progress(f"[train] resuming from the checkpoint of epoch {int(state['epoch']) + 1} of {int(cfg['epochs'])}")
-    ema = _ema_model(model, cfg.get("ema_decay"))
+    ema = _ema_model(model, cfg["ema_decay"])
     if ema is not None and state is not None:  # the checkpoint's model file holds the EMA weights
         ema.module.load_state_dict(unwrap(model).state_dict())
         ema.n_averaged.fill_(int(state["ema_n_averaged"]))
@@ -344,21 +343,21 @@ def train_loop_per_worker(cfg: dict) -> None:
     state, ema = _resume(cfg, w, checkpoint, model, optimizer)
     model = ray.train.torch.prepare_model(model)
     exported = (lambda: ema.module) if ema is not None else (lambda: model)
-    weights = cfg.get("class_weights")
+    weights = cfg["class_weights"]
     loss_fn = nn.CrossEntropyLoss(
         weight=torch.tensor(weights, dtype=torch.float32, device=w.device) if weights else None,
         label_smoothing=float(cfg["label_smoothing"]))
     scaler = grad_scaler(w.device, w.precision)
-    mix_cfg = cfg.get("mix") or {}
-    mix = batch_mixer(cfg["num_classes"], float(mix_cfg.get("mixup", 0)), float(mix_cfg.get("cutmix", 0)),
-                      float(mix_cfg.get("prob", 1.0)), seed=seed * 1000 + w.rank)
+    mix_cfg = cfg["mix"]
+    mix = batch_mixer(cfg["num_classes"], float(mix_cfg["mixup"]), float(mix_cfg["cutmix"]), float(mix_cfg["prob"]),
+                      seed=seed * 1000 + w.rank)
     sink = WandbSink(cfg) if w.rank == 0 else None
     data = _EpochData(cfg, w)
     start_epoch = int(state["epoch"]) + 1 if state else 0
     history = json.loads(state["history"]) if state else []
     run = _Schedule(cfg, w, optimizer, base_lrs, data.steps_per_epoch, ema, model, history,
                     int(state["step"]) if state else 0, float(state["train_seconds"]) if state else 0.0)
-    epochs, freeze_epochs = run.epochs, int(cfg.get("freeze_backbone_epochs", 0))
+    epochs, freeze_epochs = run.epochs, int(cfg["freeze_backbone_epochs"])
     epoch = start_epoch
     # A resumed run goes on while its schedule has room: more epochs or a larger budget than the run
     # that wrote the checkpoint continue it; a spent budget or the last epoch ends it.

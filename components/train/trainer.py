@@ -16,6 +16,7 @@ from components.models.registry import model_task
 from components.progress import RemoteBar
 from components.train.loop import SELECT_BY, train_loop_per_worker
 from components.train.naming import run_name
+from components.train.settings import check_loop_config
 from components.train.worker import MODEL_FILE, STATE_FILE
 
 _OPERATORS: dict[tuple, AugmentOperator] = {}
@@ -62,12 +63,13 @@ class TrainResult:
 
 
 def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str | Path, out_model: str | Path, *,
-        num_workers: int = 1, cpus_per_worker: float = 1.0, use_gpu: bool = False, data_cpus: float = 0.5,
-        max_failures: int = 2, keep_checkpoints: int = 2, online_policy: str | None = "industrial",
-        data_digest: str = "", select_by: str = "last") -> TrainResult:
+        num_workers: int, cpus_per_worker: float, use_gpu: bool, data_cpus: float, max_failures: int,
+        keep_checkpoints: int, online_policy: str | None, select_by: str, data_digest: str = "") -> TrainResult:
     """Train with Ray Train and copy the selected weights to ``out_model``.
 
-    ``cfg`` is the worker config (see :func:`components.train.loop.train_loop_per_worker`);
+    ``cfg`` is the worker config (a classifier's: every key of
+    :data:`components.train.settings.LOOP_KEYS`, as :func:`~components.train.settings.loop_config` builds it);
+    the keyword arguments are params.yaml's ``train`` resources and ``augment.policy`` (no defaults here);
     ``cfg["data_cache"] == "memory"`` keeps each worker's data in memory at the training size.
     Re-running with the same config and data resumes the run from its last checkpoint.
 
@@ -94,11 +96,13 @@ def fit(cfg: dict, train_dir: str | Path, val_dir: str | Path, storage_path: str
         make_dataset, loop = detection_dataset, detect_loop_per_worker
     else:
         make_dataset, loop = image_dataset, train_loop_per_worker
-    if cfg.get("data_cache", "stream") == "memory" and loop is train_loop_per_worker:
+        check_loop_config(cfg)
+        common["max_pixels"] = cfg["max_pixels"]
+    if loop is train_loop_per_worker and cfg["data_cache"] == "memory":
         # each worker reads, decodes and augments its rows itself (components.train.memory)
         datasets = None
         cfg.update(train_files=[str(Path(f).resolve()) for f in shard_files(train_dir)],
-                   val_files=[str(Path(f).resolve()) for f in shard_files(val_dir)], max_pixels=DEFAULT_MAX_PIXELS)
+                   val_files=[str(Path(f).resolve()) for f in shard_files(val_dir)])
     else:
         cfg["train_rows"] = count_rows(train_dir)  # the streamed schedule's (and the progress bar's) steps per epoch
         datasets = {

@@ -48,7 +48,7 @@ def start_worker(cfg: dict) -> Worker:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    return Worker(rank, world, device, resolve_precision(cfg.get("precision", "fp32"), device))
+    return Worker(rank, world, device, resolve_precision(cfg["precision"], device))
 
 
 def all_reduce(values: list[float] | np.ndarray, device: torch.device, op: str = "sum") -> np.ndarray:
