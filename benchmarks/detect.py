@@ -136,7 +136,7 @@ def compressed_variants(full, train, meta: dict, args, work: Path, sparsities: l
         m = copy.deepcopy(full)
         apply_global_magnitude(m, sp)
         finetune_detector(m, train, image_size=args.image_size, in_chans=3, epochs=args.finetune_epochs,
-                          batch_size=args.batch_size, policy="conveyor", seed=args.seed, threads=args.threads)
+                          batch_size=args.batch_size, lr=2e-4, policy="conveyor", seed=args.seed, threads=args.threads)
         make_permanent(m)
         path = save_sparse(work / f"sparse{int(sp * 100)}.npz", m, meta)
         rows[f"unstructured {sp:.0%}"] = {"model": m, "file": path, "how": f"global magnitude {sp:.0%} of the "
@@ -144,9 +144,9 @@ def compressed_variants(full, train, meta: dict, args, work: Path, sparsities: l
                                           "sparsity": sparsity_report(m)}
     m = copy.deepcopy(full)
     x = torch.rand(1, 3, args.image_size, args.image_size)
-    rep = structured_prune(m, x, ratio=args.structured_ratio)
+    rep = structured_prune(m, x, ratio=args.structured_ratio, target="macs", importance="l1")
     finetune_detector(m, train, image_size=args.image_size, in_chans=3, epochs=args.finetune_epochs,
-                      batch_size=args.batch_size, policy="conveyor", seed=args.seed, threads=args.threads)
+                      batch_size=args.batch_size, lr=2e-4, policy="conveyor", seed=args.seed, threads=args.threads)
     path = save_structured(work / "structured.pt", m, meta)
     rows[f"structured -{args.structured_ratio:.0%} MACs"] = {
         "model": m, "file": path, "how": f"channels (torch-pruning, L1) + {args.finetune_epochs} fine-tune epochs",

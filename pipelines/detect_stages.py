@@ -162,7 +162,8 @@ def prune(p: Params) -> dict:
     if method == "unstructured":
         apply_global_magnitude(model, float(p("prune.sparsity")))
     elif method == "structured":
-        rep = structured_prune(model, x, ratio=float(p("prune.structured.ratio")))
+        st = p.config.prune.structured
+        rep = structured_prune(model, x, target=st.target, ratio=st.ratio, importance=st.importance)
         info["structured"] = {"macs_ratio_reached": rep.macs_reduction}
     elif method != "none":
         raise ValueError(f"prune.method must be unstructured, structured or none, got {method!r}")

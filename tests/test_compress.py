@@ -53,7 +53,7 @@ def pruned(request):
     torch.manual_seed(0)
     original = create_model(request.param, num_classes=NUM_CLASSES, in_chans=1).eval()
     model = copy.deepcopy(original).to(memory_format=torch.channels_last)  # as the trainer holds it
-    report = structured_prune(model, torch.randn(1, 1, SIZE, SIZE), target="macs", ratio=0.5)
+    report = structured_prune(model, torch.randn(1, 1, SIZE, SIZE), target="macs", ratio=0.5, importance="l1")
     assert not model.training and model.layer1[0].conv1.weight.is_contiguous(memory_format=torch.channels_last)
     return request.param, original, model, report
 
@@ -161,15 +161,15 @@ def test_structured_prune_refuses_what_it_cannot_do():
     x = torch.randn(1, 1, SIZE, SIZE)
     channels = total_conv_channels(model)
     with pytest.raises(StructuredPruningError, match="within"):  # unreachable: left unpruned
-        structured_prune(model, x, ratio=0.95, max_channel_ratio=0.3, max_trials=3)
+        structured_prune(model, x, ratio=0.95, max_channel_ratio=0.3, max_trials=3, target="macs", importance="l1")
     assert total_conv_channels(model) == channels
     with pytest.raises(ValueError, match="ratio"):
-        structured_prune(model, x, ratio=1.5)
+        structured_prune(model, x, ratio=1.5, target="macs", importance="l1")
     with pytest.raises(ValueError, match="grad_batch"):
-        structured_prune(model, x, importance="taylor")
+        structured_prune(model, x, importance="taylor", target="macs", ratio=0.5)
     headless = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3))
     with pytest.raises(StructuredPruningError, match="classifier"):
-        structured_prune(headless, x)
+        structured_prune(headless, x, target="macs", ratio=0.5, importance="l1")
 
 
 # ------------------------------------------------------------------------------------- int8
@@ -198,7 +198,7 @@ def int8_models(synthetic_images, tmp_path_factory):
     x, y = torch.from_numpy(images[:96]), torch.from_numpy(labels[:96])
     torch.manual_seed(0)
     model = create_model("resnet18", num_classes=NUM_CLASSES, in_chans=1)
-    structured_prune(model, x[:1], ratio=0.95)
+    structured_prune(model, x[:1], ratio=0.95, target="macs", importance="l1")
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     model.train()
     for step in range(20):
@@ -325,9 +325,9 @@ def test_distillation_with_alpha_zero_is_the_base_loss():
     assert torch.equal(loss(s, y, inputs=torch.zeros(3, 4)), base(s, y))
     assert teacher.calls == 0  # not even run
     with pytest.raises(ValueError):
-        DistillationLoss(teacher, alpha=1.5)
+        DistillationLoss(teacher, temperature=4.0, alpha=1.5)
     with pytest.raises(ValueError, match="inputs"):
-        DistillationLoss(teacher, alpha=0.5)(s, y)
+        DistillationLoss(teacher, temperature=4.0, alpha=0.5)(s, y)
 
 
 def test_distillation_gradients_do_not_reach_the_teacher():

@@ -275,7 +275,7 @@ def test_detector_prunes_structured_and_unstructured_and_reloads(tmp_path):
     # Structured: half the MACs gone, every head keeps its anchors x (5 + classes) outputs.
     model = create_model("resnet18_yolo", 2, 3, width=0.5)
     macs0, params0 = count_macs_params(model, x)
-    report = structured_prune(model, x, ratio=0.5)
+    report = structured_prune(model, x, ratio=0.5, target="macs", importance="l1")
     macs1, params1 = count_macs_params(model, x)
     assert abs(1 - macs1 / macs0 - 0.5) < 0.03 and params1 < params0 and report.macs_after == macs1
     assert [tuple(o.shape) for o in model.eval()(x)] == [(1, 3, 64 // s, 64 // s, 7) for s in STRIDES]
@@ -288,7 +288,8 @@ def test_detector_prunes_structured_and_unstructured_and_reloads(tmp_path):
     apply_global_magnitude(model, 0.6)
     images, boxes = synthetic_conveyor(8, 64, seed=9)
     frame = pd.DataFrame({"image": [encode_png(i) for i in images], "boxes": [json.dumps(b.tolist()) for b in boxes]})
-    losses = finetune_detector(model, frame, image_size=64, in_chans=3, epochs=2, batch_size=4, max_steps=3, threads=1)
+    losses = finetune_detector(model, frame, image_size=64, in_chans=3, epochs=2, batch_size=4, lr=2e-4, max_steps=3,
+                               threads=1)
     assert len(losses) == 3 and all(np.isfinite(losses))
     make_permanent(model)
     assert abs(sparsity_report(model)["target_sparsity_measured"] - 0.6) < 0.01

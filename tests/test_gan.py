@@ -147,7 +147,8 @@ def test_sample_grid_png(trained, gan_data, tmp_path):
 def test_quality_report_on_generated_rows(trained, gan_data):
     res, _, _ = trained
     generated = generate(res.generator_path, {0: 12, 1: 12}, seed=0)
-    report = quality_report(gan_data[1], generated, num_classes=2, image_size=SIZE, epochs=2, width=8, seed=0)
+    report = quality_report(gan_data[1], generated, num_classes=2, image_size=SIZE, in_chans=1, epochs=2, width=8,
+                            seed=0)
     assert report["generator_version"] == res.version
     assert report["counts"]["real"] == {"0": 40, "1": 24} and report["counts"]["generated"] == {"0": 12, "1": 12}
     assert report["fd"] is not None and report["fd"] >= 0
@@ -175,7 +176,7 @@ def test_quality_scores_real_better_than_noise():
     rng = np.random.default_rng(12)
     noise = pd.DataFrame({"image": [encode_png(rng.integers(0, 256, (32, 32), dtype=np.uint8)) for _ in range(60)],
                           "label": np.array([0, 1] * 30, dtype=np.int64)})
-    kw = dict(num_classes=2, image_size=32, epochs=8, width=16, seed=0)
+    kw = dict(num_classes=2, image_size=32, in_chans=1, epochs=8, width=16, seed=0)
     good, bad = quality_report(real, other_real, **kw), quality_report(real, noise, **kw)
     assert good["fd"] < bad["fd"]
     assert good["fd"] < 0.5 * bad["fd"]

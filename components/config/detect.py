@@ -62,7 +62,9 @@ class DetectTrain(Section):
 
 
 class DetectStructured(Section):
+    target: Literal["macs", "params"]
     ratio: float = Field(ge=0, lt=1)
+    importance: str
 
 
 class DetectPrune(Section):

@@ -40,7 +40,7 @@ class DistillationLoss:
     the most recent call (floats) for logging.
     """
 
-    def __init__(self, teacher: nn.Module | None, temperature: float = 4.0, alpha: float = 0.5,
+    def __init__(self, teacher: nn.Module | None, temperature: float, alpha: float,
                  base_loss: Callable[[Tensor, Tensor], Tensor] | None = None) -> None:
         if not isinstance(temperature, (int, float)) or not temperature > 0:
             raise ValueError(f"temperature must be positive, got {temperature!r}")

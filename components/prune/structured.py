@@ -338,8 +338,8 @@ def _search(net: nn.Module, example_input: Tensor, options: dict, remaining: Cal
     return candidates[best["channel_ratio"]], best, trials
 
 
-def structured_prune(model: nn.Module, example_input: Tensor, *, target: str = "macs", ratio: float = 0.5,
-                     importance: str = "l1", global_pruning: bool = False, iterative_steps: int = 1,
+def structured_prune(model: nn.Module, example_input: Tensor, *, target: str, ratio: float, importance: str,
+                     global_pruning: bool = False, iterative_steps: int = 1,
                      round_to: int | None = None, ignored_layers: Sequence[nn.Module | str] | None = None,
                      tolerance: float = 0.02, max_trials: int = 12, max_channel_ratio: float = 0.9,
                      grad_batch: tuple[Tensor, Tensor] | None = None,

@@ -208,12 +208,14 @@ def _version_of(frame: pd.DataFrame) -> str | None:
 
 
 def quality_report(real_frame: pd.DataFrame, generated_frame: pd.DataFrame, *, num_classes: int | None = None,
-                   image_size: int = 32, in_chans: int = 1, epochs: int = 8, batch_size: int = 32, lr: float = 3e-3,
+                   image_size: int, in_chans: int, epochs: int, batch_size: int = 32, lr: float = 3e-3,
                    feature_dim: int = 64, width: int = 32, holdout: float = 0.2, seed: int = 0, threads: int | None = 1,
                    max_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
     """Score ``generated_frame`` (image, label) against the real training rows of ``real_frame``.
 
-    Real rows: split "train" (when the column exists) and not synthetic. Returns a JSON-ready
+    ``image_size`` and ``epochs`` are params.yaml's ``gan.quality`` (no defaults here); the checker's
+    other settings (batch, rate, width) are this function's own. Real rows: split "train" (when the
+    column exists) and not synthetic. Returns a JSON-ready
     dict: ``fd``, ``fd_per_class``, ``fd_real_holdout``, ``class_accuracy`` (classifier accuracy on
     generated class k), ``accuracy``, ``real_holdout_class_accuracy``, ``counts``, ``classifier``
     (settings and accuracies), ``fd_imaginary`` and ``generator_version`` (when the rows carry it).

@@ -169,8 +169,8 @@ def detect_loop_per_worker(cfg: dict) -> None:
         sink.finish()
 
 
-def finetune_detector(model: torch.nn.Module, frame, *, image_size: int, in_chans: int, epochs: int = 1,
-                      batch_size: int = 16, lr: float = 2e-4, weight_decay: float = 5e-4, policy: str | None = None,
+def finetune_detector(model: torch.nn.Module, frame, *, image_size: int, in_chans: int, epochs: int,
+                      batch_size: int, lr: float, weight_decay: float = 5e-4, policy: str | None = None,
                       max_steps: int | None = None, seed: int = 0, threads: int = 2) -> list[float]:
     """In-process fine-tuning of a (pruned) detector on the rows of ``frame`` (``image`` bytes and
     ``boxes`` JSON): YOLOv3 loss, AdamW, constant ``lr``. Unstructured pruning's masks stay in place
