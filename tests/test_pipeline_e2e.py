@@ -39,8 +39,8 @@ TINY = {
     "gan.quality.epochs": 2, "prune.quantize.calibration_images": 32,
     "serve.edge.num_replicas": 1, "serve.cloud.num_cpus": 0.5,
     # Promotion itself is tested in test_registry.py; here the tiny model must reach serving.
-    "promote.gates": {"min_macro_f1": None, "min_gain_over_majority": None, "compare_metric": "macro_f1",
-                      "max_regression": None},
+    "promote.gates": {"min_accuracy": None, "min_balanced_accuracy": None, "min_macro_f1": None,
+                      "min_gain_over_majority": None, "compare_metric": "macro_f1", "max_regression": None},
 }
 
 
