@@ -29,6 +29,8 @@ def test_the_shipped_params_files_and_the_quality_preset_validate():
     preset = yaml.safe_load((ROOT / "presets" / "quality.yaml").read_text())
     quality = load_config(load_params(ROOT / "params.yaml", [f"{k}={v}" for k, v in preset.items()]))
     assert quality.train.select_by == "val_macro_f1" and quality.train.ema_decay == 0.998
+    # 0 is meaningful where the library reads it so (no local shuffle), as the e2e test sets it
+    assert load_config(load_params(ROOT / "params.yaml", ["train.shuffle_buffer=0"])).train.shuffle_buffer == 0
 
 
 def test_missing_unknown_and_mistyped_keys_are_all_named_in_one_error():

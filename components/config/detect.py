@@ -50,7 +50,7 @@ class DetectTrain(Section):
     lr: Pos
     weight_decay: NonNeg
     warmup_steps: NonNegInt
-    shuffle_buffer: Count
+    shuffle_buffer: NonNegInt  # 0: no local shuffle
     num_workers: Count
     cpus_per_worker: Pos
     threads_per_worker: Count

@@ -190,7 +190,7 @@ class TrainConfig(Section):
     mix: MixConfig
     select_by: SelectBy
     decision_bias: Literal["none", "balanced_accuracy", "macro_f1"]
-    shuffle_buffer: Count
+    shuffle_buffer: NonNegInt  # 0: no local shuffle
     num_workers: Count
     cpus_per_worker: Pos
     threads_per_worker: Count
