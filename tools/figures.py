@@ -139,6 +139,26 @@ def accuracy_variants() -> str:
     return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
 
 
+def default_variants() -> str:
+    """Variants of the default pipeline (``default+KEY=VALUE`` arms) next to the default itself: validation
+    (where the choice is made) and test, mean +- std over the seeds each arm ran."""
+    d = _load("benchmarks/results/accuracy_bf16.json")
+    s = d["summary"]
+    rows = []
+    for arm in ["default", *sorted(a for a in s if a.startswith("default+"))]:
+        runs = [r for r in d["runs"].values() if r["arm"] == arm]
+        if not runs:
+            continue
+        name = "default (`params.yaml`)" if arm == "default" else arm.replace("default+", "default + ")
+        rows.append([name, ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
+                     f"{s[arm]['training_minutes']['mean']:.1f} min",
+                     *(_mean_std(s[arm]["validation"], k) for k in ("accuracy", "balanced_accuracy", "macro_f1")),
+                     *(_mean_std(s[arm], k) for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
+    table = _table(["arm", "seeds", "training", "val acc.", "val bal. acc.", "val macro-F1", "test acc.",
+                    "test bal. acc.", "test macro-F1"], rows)
+    return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+
+
 def _ms(x) -> str:
     return "-" if x is None else f"{x:.1f}"
 
@@ -197,7 +217,8 @@ def drift() -> str:
     return f"{table}\n\n{_source(['benchmarks/results/drift.json'], d.get('model_version'), d.get('environment'))}"
 
 
-RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants, "serve": serve,
+RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants,
+             "default-variants": default_variants, "serve": serve,
              "train-throughput": train_throughput, "drift": drift}
 
 
