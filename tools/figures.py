@@ -13,37 +13,16 @@ without re-rendering, fails the tests.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script (python tools/figures.py) or imported as tools.figures
+from tools.figlib import load, markdown_table, mean_std, source  # noqa: E402
+
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
-
-
-def _load(rel: str) -> dict:
-    return json.loads((ROOT / rel).read_text())
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
-
-
-def _machine(env: dict | None) -> str:
-    cpu = (env or {}).get("cpu") or {}
-    if not cpu:
-        return "machine not recorded"
-    flags = [f for f in cpu.get("flags", []) if f in ("avx512_bf16", "amx_bf16")]
-    return (f"{cpu.get('model', '?')}, {cpu.get('cores', '?')} cores"
-            f"{', ' + '/'.join(flags) if flags else ', no native bf16'}")
-
-
-def _source(files: list[str], version: str | None, env: dict | None) -> str:
-    what = ", ".join(f"`{f}`" for f in files)
-    return f"Source: {what}; model {f'**{version}**' if version else 'trained by the benchmark itself'}; {_machine(env)}."
 
 
 def _ci(m: dict, key: str) -> str:
@@ -53,7 +32,7 @@ def _ci(m: dict, key: str) -> str:
 
 def promoted_version_of(evaluate: dict) -> str | None:
     """The registry entry whose recorded test metrics are those of metrics/evaluate.json (None: no such entry)."""
-    registry = _load("models/registry.json")
+    registry = load("models/registry.json")
     for entry in reversed(registry.get("entries", [])):
         m = entry.get("metrics", {})
         if all(abs(float(m.get(k, -1)) - float(evaluate["full"][k])) < 1e-6 for k in ("accuracy", "macro_f1")):
@@ -62,10 +41,10 @@ def promoted_version_of(evaluate: dict) -> str | None:
 
 
 def default_pipeline() -> str:
-    ev = _load("metrics/evaluate.json")
+    ev = load("metrics/evaluate.json")
     full = ev["full"]
     rows = [["majority class", f"{full['majority_rate']:.3f}", f"{1 / len(full['per_class']):.3f}", "-", "0", "-"]]
-    prune = _load("metrics/prune.json")
+    prune = load("metrics/prune.json")
     how = prune["method"]
     if prune.get("macs_before") and prune.get("macs_after"):
         how += f", MACs -{1 - prune['macs_after'] / prune['macs_before']:.0%}"
@@ -81,22 +60,16 @@ def default_pipeline() -> str:
                      f"{m['mcc']:.3f}", auc])
     version = promoted_version_of(ev)
     note = "" if version else " (**not** the promoted version: metrics/evaluate.json matches no registry entry)"
-    table = _table(["model", "accuracy", "balanced acc.", "macro-F1", "MCC", "ROC-AUC (OvR)"], rows)
-    train = _load("metrics/train.json")
+    table = markdown_table(["model", "accuracy", "balanced acc.", "macro-F1", "MCC", "ROC-AUC (OvR)"], rows)
+    train = load("metrics/train.json")
     machine = f"on a CPU with torch capability {train.get('cpu_capability', '?')}, in {train.get('precision', '?')}"
     return (f"{table}\n\nSource: `metrics/evaluate.json` ({full['num_samples']} test images) of model "
             f"**{version or '?'}**{note}; trained {machine}. **One run** (one training seed): single runs of "
             f"this recipe move by about 0.02-0.03 between seeds.")
 
 
-def _mean_std(s: dict, key: str, bold: bool = False) -> str:
-    v = s[key]
-    text = f"{v['mean']:.3f}" + (f" +- {v['std']:.3f}" if v["n"] > 1 else "")
-    return f"**{text}**" if bold else text
-
-
 def accuracy_bf16() -> str:
-    d = _load("benchmarks/results/accuracy_bf16.json")
+    d = load("benchmarks/results/accuracy_bf16.json")
     s = d["summary"]
     names = {"plain@30": "plain script, 128 px", "quality": "resops `quality` preset",
              "plain@10": "plain script, 128 px", "default": "resops default (`params.yaml`)"}
@@ -110,18 +83,18 @@ def accuracy_bf16() -> str:
             cells = []
             for key in ("accuracy", "balanced_accuracy", "macro_f1", "mcc", "binary_accuracy"):
                 better = other is None or s[arm][key]["mean"] >= other[key]["mean"]
-                cells.append(_mean_std(s[arm], key, bold=better))
+                cells.append(mean_std(s[arm], key, bold=better))
             rows.append([names[arm], ", ".join(map(str, s[arm]["seeds"])), f"{s[arm]['training_minutes']['mean']:.1f} min",
                          "/".join(s[arm]["precision"]), f"{s[arm]['images_per_second']['mean']:.1f}", *cells])
-    table = _table(["system", "seeds", "training", "precision", "img/s", "accuracy", "balanced acc.", "macro-F1",
+    table = markdown_table(["system", "seeds", "training", "precision", "img/s", "accuracy", "balanced acc.", "macro-F1",
                     "MCC", "binary acc."], rows)
-    return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+    return f"{table}\n\n{source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
 
 
 def accuracy_variants() -> str:
     """Recipe variants tried on the quality preset (``quality+KEY=VALUE`` arms): validation (where the
     choice is made) next to test, against the preset itself on the same seeds."""
-    d = _load("benchmarks/results/accuracy_bf16.json")
+    d = load("benchmarks/results/accuracy_bf16.json")
     rows = []
     seeds = sorted({r["seed"] for r in d["runs"].values() if r["arm"].startswith("quality+")})
     for arm in ["quality", *sorted(a for a in d["summary"] if a.startswith("quality+"))]:
@@ -134,15 +107,15 @@ def accuracy_variants() -> str:
                          str(r["epochs"]), str(r["selected_epoch"]), f"{r['images_per_second']:.1f}",
                          *(f"{v[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "macro_f1")),
                          *(f"{r[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
-    table = _table(["arm", "seed", "epochs", "selected", "img/s", "val acc.", "val bal. acc.", "val macro-F1",
+    table = markdown_table(["arm", "seed", "epochs", "selected", "img/s", "val acc.", "val bal. acc.", "val macro-F1",
                     "test acc.", "test bal. acc.", "test macro-F1"], rows)
-    return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+    return f"{table}\n\n{source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
 
 
 def default_variants() -> str:
     """Variants of the default pipeline (``default+KEY=VALUE`` arms) next to the default itself: validation
     (where the choice is made) and test, mean +- std over the seeds each arm ran."""
-    d = _load("benchmarks/results/accuracy_bf16.json")
+    d = load("benchmarks/results/accuracy_bf16.json")
     s = d["summary"]
     rows = []
     for arm in ["default", *sorted(a for a in s if a.startswith("default+"))]:
@@ -152,11 +125,11 @@ def default_variants() -> str:
         name = "default (`params.yaml`)" if arm == "default" else arm.replace("default+", "default + ")
         rows.append([name, ", ".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"])),
                      f"{s[arm]['training_minutes']['mean']:.1f} min",
-                     *(_mean_std(s[arm]["validation"], k) for k in ("accuracy", "balanced_accuracy", "macro_f1")),
-                     *(_mean_std(s[arm], k) for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
-    table = _table(["arm", "seeds", "training", "val acc.", "val bal. acc.", "val macro-F1", "test acc.",
+                     *(mean_std(s[arm]["validation"], k) for k in ("accuracy", "balanced_accuracy", "macro_f1")),
+                     *(mean_std(s[arm], k) for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
+    table = markdown_table(["arm", "seeds", "training", "val acc.", "val bal. acc.", "val macro-F1", "test acc.",
                     "test bal. acc.", "test macro-F1"], rows)
-    return f"{table}\n\n{_source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+    return f"{table}\n\n{source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
 
 
 def _ms(x) -> str:
@@ -165,7 +138,7 @@ def _ms(x) -> str:
 
 def serve() -> str:
     """The serving benchmark: every cell, the soak and outage, the goals, and the replay agreement."""
-    d = _load("benchmarks/results/serve.json")
+    d = load("benchmarks/results/serve.json")
     rows = []
     for r in d["results"]:
         hops = r.get("hops_ms") or {}
@@ -173,9 +146,9 @@ def serve() -> str:
                      "-" if r.get("edge_share") is None else f"{r['edge_share']:.2f}",
                      *(_ms(r["latency_ms"][k]) for k in ("mean", "p50", "p99")), f"{r['throughput_rps']:.1f}",
                      _ms(hops.get("total_ms")), _ms(hops.get("outside_ms"))])
-    table = _table(["system", "mode", "c", "accuracy", "edge share", "mean ms", "p50 ms", "p99 ms", "req/s",
+    table = markdown_table(["system", "mode", "c", "accuracy", "edge share", "mean ms", "p50 ms", "p99 ms", "req/s",
                     "in ingress ms", "outside ms"], rows)
-    goals = _table(["goal", "measured", "limit", ""], [
+    goals = markdown_table(["goal", "measured", "limit", ""], [
         [c["check"], "-" if c["value"] is None else (f"{c['value']:.3f}" if isinstance(c["value"], float) else str(c["value"])),
          f"{c['limit']:.3f}" if isinstance(c["limit"], float) else str(c["limit"]),
          {True: "passes", False: "**fails**", None: "not measured"}[c["passed"]]] for c in d["acceptance"]])
@@ -196,25 +169,25 @@ def serve() -> str:
                       f"{a['threshold']:.3f}, the served answer has the replayed class for {a['label_agreement']:.1%} and "
                       f"the replayed tier for {a['tier_agreement']:.1%}; served versions {', '.join(a['served_model_versions'])}."]
     version = d.get("app", {}).get("model_version")
-    return "\n".join(lines) + f"\n\n{_source(['benchmarks/results/serve.json'], version, d.get('environment'))}"
+    return "\n".join(lines) + f"\n\n{source(['benchmarks/results/serve.json'], version, d.get('environment'))}"
 
 
 def train_throughput() -> str:
-    d = _load("benchmarks/results/train_throughput.json")
+    d = load("benchmarks/results/train_throughput.json")
     rows = [[name, f"{r['images_per_second']:.1f}", f"{r['ratio_to_plain_same_precision']:.2f}x"]
             for name, r in d["results"].items()]
-    table = _table(["configuration", "img/s", "vs plain loop, same precision"], rows)
-    return f"{table}\n\n{_source(['benchmarks/results/train_throughput.json'], None, {'cpu': d.get('cpu')})}"
+    table = markdown_table(["configuration", "img/s", "vs plain loop, same precision"], rows)
+    return f"{table}\n\n{source(['benchmarks/results/train_throughput.json'], None, {'cpu': d.get('cpu')})}"
 
 
 def drift() -> str:
-    d = _load("benchmarks/results/drift.json")
+    d = load("benchmarks/results/drift.json")
     rows = [[name, f"{a['intensity_score_median']:.2f}", f"{a['embedding_score_median']:.2f}",
              f"{a['score_median']:.2f} [{a['score_min']:.2f}, {a['score_max']:.2f}]", f"{a['declared_rate']:.0%}"]
             for name, a in d["arms"].items()]
-    table = _table(["inputs", "intensity score", "embedding score", "score, median [min, max]",
+    table = markdown_table(["inputs", "intensity score", "embedding score", "score, median [min, max]",
                     "windows declared drifted"], rows)
-    return f"{table}\n\n{_source(['benchmarks/results/drift.json'], d.get('model_version'), d.get('environment'))}"
+    return f"{table}\n\n{source(['benchmarks/results/drift.json'], d.get('model_version'), d.get('environment'))}"
 
 
 RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants,
