@@ -36,3 +36,28 @@ def test_an_edited_number_is_caught(tmp_path):
     assert proc.returncode == 1 and "'default-pipeline' differs" in proc.stdout, proc.stdout
     fixed, changed, unknown = render_readme(edited)
     assert changed == ["default-pipeline"] and not unknown and fixed == text
+
+
+# Tables that describe (options, stages, files) rather than report measurements: the only ones that may
+# stand outside a figures block. A new table of measured figures must be rendered from its JSON.
+DESCRIPTIVE_TABLES = {
+    "| option | key | what it does |",
+    "| stage | what it does | outs |",
+    "| name | what changes | added parameters |",
+    "| `data.dataset` | what | `data.task` |",
+    "| deployment | model | placement (Ray custom resource) | batching |",
+    "| stage | function | library it calls |",
+}
+
+
+def test_every_table_of_figures_is_rendered_from_json():
+    outside, inside = [], False
+    lines = README.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("<!-- figures:"):
+            inside = True
+        elif line.startswith("<!-- /figures:"):
+            inside = False
+        elif not inside and line.startswith("|---") and lines[i - 1] not in DESCRIPTIVE_TABLES:
+            outside.append(f"line {i}: {lines[i - 1]}")
+    assert not outside, "tables outside a figures block (render them in tools/figures.py):\n" + "\n".join(outside)

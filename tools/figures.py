@@ -7,6 +7,10 @@ and the machine. ``--check`` writes nothing and exits 1 when a table in README.m
 its JSON renders (tests/test_figures.py runs it), so a number edited by hand, or a JSON re-measured
 without re-rendering, fails the tests.
 
+The renderers of the training-recipe tables (AVX2 accuracy runs, ablation, model zoo, transfer,
+rebalancing) are in tools/figures_training.py, those of the EEG, edge-model and detection tables in
+tools/figures_edge.py; tests/test_figures.py also fails on a table of figures outside any block.
+
     python tools/figures.py           # re-render every table in README.md
     python tools/figures.py --check   # exit 1 and name the tables that are stale
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script (python tools/figures.py) or imported as tools.figures
 from tools.figlib import load, markdown_table, mean_std, source  # noqa: E402
+from tools import figures_edge, figures_training  # noqa: E402
 
 README = ROOT / "README.md"
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
@@ -192,7 +197,8 @@ def drift() -> str:
 
 RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants,
              "default-variants": default_variants, "serve": serve,
-             "train-throughput": train_throughput, "drift": drift}
+             "train-throughput": train_throughput, "drift": drift,
+             **figures_training.RENDERERS, **figures_edge.RENDERERS}
 
 
 def render_readme(text: str) -> tuple[str, list[str], list[str]]:
