@@ -16,6 +16,10 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ["RAY_AUTH_MODE"] = "disabled"
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# Behind HAProxy (params.yaml ray.env) an ingress replica stays reachable for this long after it starts
+# draining, so other nodes' HAProxy processes can drop it: 30 s by default, which every serve.shutdown()
+# then waits. One loopback node has no other HAProxy; set before Ray starts so its workers inherit it.
+os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
 # The S3 stand-in of tests/test_storage.py (moto) stores aws-chunked uploads with their framing when
 # the AWS SDK adds a trailing checksum; real S3 and MinIO do not. Set before Ray starts, so its
 # workers (Ray Train writing checkpoints to s3://) inherit it.

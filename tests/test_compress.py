@@ -342,10 +342,9 @@ def test_distillation_gradients_do_not_reach_the_teacher():
     assert not teacher.training and torch.equal(teacher.bn.running_mean, running_mean)
 
 
+@pytest.mark.parametrize("pruned", ["resnet18"], indirect=True)  # one variant is enough for the fine-tune loop
 def test_finetune_epoch_distills_a_pruned_student(pruned):
-    name, original, student, _ = pruned
-    if name != "resnet18":
-        pytest.skip("one variant is enough for the fine-tune loop")
+    _, original, student, _ = pruned
     student = copy.deepcopy(student)
     teacher_state = {k: v.clone() for k, v in original.state_dict().items()}
     student_before = [p.detach().clone() for p in student.parameters()]
