@@ -90,3 +90,23 @@ def test_rayservice_tiers_autoscale_and_fit_the_cluster_at_their_ceiling(overlay
         demand = {"CPU": float(opts.get("num_cpus", 1)), **{k: float(v) for k, v in (opts.get("resources") or {}).items()}}
         replicas += [(name, demand)] * int(auto["max_replicas"] if auto else dep.get("num_replicas", 1))
     place(replicas, ray_nodes(service))  # raises when a replica at the ceiling has no room
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_rayservice_workers_are_ready_only_while_the_apps_healthz_answers(overlay):
+    """Every RayService worker group probes the app's /healthz (both tiers answer) on the Serve port the
+    app listens on, after the raylet's own check; the head keeps KubeRay's probes; the schema takes it."""
+    import yaml
+
+    service = one(rendered(overlay), "RayService")
+    port = yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]
+    workers = dict(groups(service))
+    head = workers.pop("head")
+    assert workers and "readinessProbe" not in head["template"]["spec"]["containers"][0]
+    for name, g in workers.items():
+        probe = g["template"]["spec"]["containers"][0]["readinessProbe"]
+        script = probe["exec"]["command"][-1]
+        raylet, app = script.split("&&")
+        assert "local_raylet_healthz" in raylet and f"http://localhost:{port}/healthz" in app, (name, script)
+        assert probe["timeoutSeconds"] > 4 and probe["failureThreshold"] >= 2, (name, probe)
+    assert not schema_errors(service)
