@@ -112,3 +112,28 @@ def test_resops_refuses_a_params_file_with_a_misspelt_key_in_one_line(tmp_path, 
     assert main(["--params", str(bad), "run", "ingest"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "`train.epochs` is missing" in err[0] and "`train.epoch` is not a known key" in err[0]
+
+
+def test_the_serve_config_the_calibrate_stage_writes_sets_every_field_params_yaml_has(tmp_path):
+    """AppArgs (the Serve app's typed args) has defaults for hand-written Serve configs; the generated one
+    must not fall back on them for anything params.yaml's serve section sets."""
+    import json
+
+    from components.serve.args import AppArgs
+    from components.serve.config import serve_args
+
+    (tmp_path / "model.json").write_text(json.dumps({"version": "v1-test", "files": {
+        "full": "models/promoted/full.pt", "edge": "models/promoted/edge.pt", "edge_int8": "models/promoted/edge.onnx"}}))
+    calibration = {"threshold": {"threshold": 0.6}, "edge": {"temperature": 1.5}, "cloud": {"temperature": 1.2}}
+    params = load_params(ROOT / "params.yaml", ["serve.drift.enabled=true"])
+    args = AppArgs.model_validate(serve_args(params, tmp_path, calibration))
+    serve = _tree()["serve"]
+    top = {"threshold", "default_mode", "max_body_bytes", "max_image_pixels", "min_image_side", "max_batch_images",
+           "auth_token_env", "edge", "cloud", "router", "feedback", "drift", "temperatures", "model_version"}
+    assert top <= args.model_fields_set, top - args.model_fields_set
+    for tier in ("edge", "cloud"):
+        settings, expected = getattr(args, tier), {k for k, v in serve[tier].items() if v is not None}
+        expected = {"autoscaling_config" if k == "autoscaling" else k for k in expected} - {"backend"}
+        assert expected <= settings.model_fields_set, (tier, expected - settings.model_fields_set)
+    assert set(serve["router"]) <= args.router.model_fields_set
+    assert args.threshold == 0.6 and args.max_batch_images == serve["max_batch_images"]

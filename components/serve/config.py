@@ -218,7 +218,7 @@ def serve_args(params, promoted_dir: str | Path, calibration: dict | None, prepa
     promoted = json.loads(info_file.read_text())
     files = promoted["files"]
     s = params("serve")
-    use_onnx = edge_uses_onnx(s["edge"].get("backend", "auto"), files)
+    use_onnx = edge_uses_onnx(s["edge"]["backend"], files)
     threshold = s["cascade"]["threshold"]
     if threshold is None:
         if calibration is None:
@@ -236,7 +236,7 @@ def serve_args(params, promoted_dir: str | Path, calibration: dict | None, prepa
         "edge": tier_settings(s["edge"]), "cloud": tier_settings(s["cloud"]), "router": dict(s["router"]),
         "calibration": calibration, "feedback": dict(s["feedback"]),
         **({"signal": signal} if signal else {}),
-        **({"drift": drift_args(s["drift"])} if s.get("drift", {}).get("enabled") else {}),
+        **({"drift": drift_args(s["drift"])} if s["drift"]["enabled"] else {}),
     }
 
 
