@@ -73,6 +73,25 @@ def default_pipeline() -> str:
             f"this recipe move by about 0.02-0.03 between seeds.")
 
 
+def default_pipeline_run() -> str:
+    """The sentences about the default run that quote its figures: training, the edge tier against the
+    full model, the calibrated cascade (metrics/train.json, evaluate.json, serve.json)."""
+    ev, train, serve = load("metrics/evaluate.json"), load("metrics/train.json"), load("metrics/serve.json")
+    full, int8, pruned = ev["full"], ev["int8"], ev["pruned"]
+    lo, hi = full["ci95"]["accuracy"]
+    rate = serve["test_escalation_rate"]
+    return (f"Model **{promoted_version_of(ev) or '?'}** trained {train['epochs_run']} epochs in "
+            f"{train['train_seconds'] / 60:.1f} min ({train['images_per_second']:.0f} img/s, {train['precision']}). "
+            f"The 95 % interval of the full model's accuracy spans {hi - lo:.3f}: on this test split two recipes "
+            f"closer than about +-{(hi - lo) / 2:.3f} cannot be told apart. The edge tier (int8 ONNX) scores "
+            f"{int8['accuracy']:.3f} accuracy and {int8['balanced_accuracy']:.3f} balanced accuracy against the full "
+            f"model's {full['accuracy']:.3f} and {full['balanced_accuracy']:.3f} (the pruned torch model "
+            f"{pruned['accuracy']:.3f} and {pruned['balanced_accuracy']:.3f}). The calibrated cascade (threshold "
+            f"{serve['threshold']:.3f}, `metrics/serve.json`) escalates {rate:.0%} of the test images, so the edge "
+            f"answers {1 - rate:.0%}, and scores {serve['test_cascade_accuracy']:.3f} against "
+            f"{serve['test_cloud_accuracy']:.3f} for the cloud alone.")
+
+
 def accuracy_bf16() -> str:
     d = load("benchmarks/results/accuracy_bf16.json")
     s = d["summary"]
@@ -195,7 +214,7 @@ def drift() -> str:
     return f"{table}\n\n{source(['benchmarks/results/drift.json'], d.get('model_version'), d.get('environment'))}"
 
 
-RENDERERS = {"default-pipeline": default_pipeline, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants,
+RENDERERS = {"default-pipeline": default_pipeline, "default-pipeline-run": default_pipeline_run, "accuracy-bf16": accuracy_bf16, "accuracy-variants": accuracy_variants,
              "default-variants": default_variants, "serve": serve,
              "train-throughput": train_throughput, "drift": drift,
              **figures_training.RENDERERS, **figures_edge.RENDERERS}
