@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script (python tools/figures.py) or imported as tools.figures
-from tools.figlib import load, markdown_table, mean_std, source  # noqa: E402
+from tools.figlib import describe_machine, load, markdown_table, mean_std, source  # noqa: E402
 from tools import figures_edge, figures_training  # noqa: E402
 
 README = ROOT / "README.md"
@@ -112,7 +112,7 @@ def accuracy_bf16() -> str:
                          "/".join(s[arm]["precision"]), f"{s[arm]['images_per_second']['mean']:.1f}", *cells])
     table = markdown_table(["system", "seeds", "training", "precision", "img/s", "accuracy", "balanced acc.", "macro-F1",
                     "MCC", "binary acc."], rows)
-    return f"{table}\n\n{source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+    return f"{table}\n\n{_runs_source(d, lambda arm: arm in names)}"
 
 
 def accuracy_variants() -> str:
@@ -133,7 +133,7 @@ def accuracy_variants() -> str:
                          *(f"{r[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
     table = markdown_table(["arm", "seed", "epochs", "selected", "img/s", "val acc.", "val bal. acc.", "val macro-F1",
                     "test acc.", "test bal. acc.", "test macro-F1"], rows)
-    return f"{table}\n\n{source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+    return f"{table}\n\n{_runs_source(d, lambda arm: arm == 'quality' or arm.startswith('quality+'))}"
 
 
 def default_variants() -> str:
@@ -153,7 +153,21 @@ def default_variants() -> str:
                      *(mean_std(s[arm], k) for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
     table = markdown_table(["arm", "seeds", "training", "val acc.", "val bal. acc.", "val macro-F1", "test acc.",
                     "test bal. acc.", "test macro-F1"], rows)
-    return f"{table}\n\n{source(['benchmarks/results/accuracy_bf16.json'], None, d.get('environment_first_run'))}"
+    return f"{table}\n\n{_runs_source(d, lambda arm: arm == 'default' or arm.startswith('default+'))}"
+
+
+def _runs_source(d: dict, keep) -> str:
+    """The source line of a table of accuracy runs, naming every machine its runs were measured on (each
+    run records its own): training minutes of runs on different CPUs are not comparable."""
+    machines: dict[str, list[str]] = {}
+    for r in d["runs"].values():
+        if keep(r["arm"]):
+            machines.setdefault(describe_machine(r.get("environment")), []).append(f"{r['arm']}|{r['seed']}")
+    line = source(["benchmarks/results/accuracy_bf16.json"], None, None).rsplit(";", 1)[0]
+    if len(machines) == 1:
+        return f"{line}; {next(iter(machines))}."
+    return f"{line}; runs on **different machines**: " + "; ".join(
+        f"{m}: {', '.join(sorted(runs))}" for m, runs in machines.items()) + "."
 
 
 def _ms(x) -> str:
