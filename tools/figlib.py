@@ -18,7 +18,10 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def describe_machine(env: dict | None) -> str:
-    cpu = (env or {}).get("cpu") or {}
+    """A benchmark's recorded ``environment`` in a few words: ``cpu`` (benchmarks.common.environment_info) or,
+    in the compression benchmarks' older shape, ``cpu_info`` with the core count in ``cpus``."""
+    env = env or {}
+    cpu = env.get("cpu") or ({**env["cpu_info"], "cores": env.get("cpus", "?")} if env.get("cpu_info") else {})
     if not cpu:
         return "machine not recorded"
     flags = [f for f in cpu.get("flags", []) if f in ("avx512_bf16", "amx_bf16")]
@@ -26,9 +29,25 @@ def describe_machine(env: dict | None) -> str:
             f"{', ' + '/'.join(flags) if flags else ', no native bf16'}")
 
 
-def source(files: list[str], version: str | None, env: dict | None) -> str:
+def source(files: list[str], version: str | None, env: dict | None, machine: str | None = None) -> str:
+    """The line under a table: its files, the model version, and the machine (``machine``, else ``env``'s)."""
     what = ", ".join(f"`{f}`" for f in files)
-    return f"Source: {what}; model {f'**{version}**' if version else 'trained by the benchmark itself'}; {describe_machine(env)}."
+    return (f"Source: {what}; model {f'**{version}**' if version else 'trained by the benchmark itself'}; "
+            f"{machine or describe_machine(env)}.")
+
+
+def runs_source(path: str, d: dict, keep) -> str:
+    """The source line of a table of benchmark runs (``d["runs"]``, each recording its own environment) whose
+    arms ``keep`` accepts, naming every machine they were measured on: the minutes of runs on different CPUs
+    are not comparable."""
+    machines: dict[str, list[str]] = {}
+    for r in d["runs"].values():
+        if keep(r["arm"]):
+            machines.setdefault(describe_machine(r.get("environment")), []).append(f"{r['arm']}|{r['seed']}")
+    if len(machines) == 1:
+        return source([path], None, None, machine=next(iter(machines)))
+    return source([path], None, None, machine="runs on **different machines**: " + "; ".join(
+        f"{m}: {', '.join(sorted(runs))}" for m, runs in machines.items()))
 
 
 def mean_std(s: dict, key: str, bold: bool = False) -> str:

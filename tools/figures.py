@@ -23,10 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script (python tools/figures.py) or imported as tools.figures
-from tools.figlib import describe_machine, load, markdown_table, mean_std, source  # noqa: E402
+from tools.figlib import load, markdown_table, mean_std, runs_source, source  # noqa: E402
 from tools import figures_edge, figures_training  # noqa: E402
 
 README = ROOT / "README.md"
+ACCURACY_BF16 = "benchmarks/results/accuracy_bf16.json"
 BLOCK = re.compile(r"(<!-- figures:(?P<name>[a-z0-9-]+) -->\n)(?P<body>.*?)(<!-- /figures:(?P=name) -->)", re.S)
 
 
@@ -93,7 +94,7 @@ def default_pipeline_run() -> str:
 
 
 def accuracy_bf16() -> str:
-    d = load("benchmarks/results/accuracy_bf16.json")
+    d = load(ACCURACY_BF16)
     s = d["summary"]
     names = {"plain@30": "plain script, 128 px", "quality": "resops `quality` preset",
              "plain@10": "plain script, 128 px", "default": "resops default (`params.yaml`)"}
@@ -112,13 +113,13 @@ def accuracy_bf16() -> str:
                          "/".join(s[arm]["precision"]), f"{s[arm]['images_per_second']['mean']:.1f}", *cells])
     table = markdown_table(["system", "seeds", "training", "precision", "img/s", "accuracy", "balanced acc.", "macro-F1",
                     "MCC", "binary acc."], rows)
-    return f"{table}\n\n{_runs_source(d, lambda arm: arm in names)}"
+    return f"{table}\n\n{runs_source(ACCURACY_BF16, d, lambda arm: arm in names)}"
 
 
 def accuracy_variants() -> str:
     """Recipe variants tried on the quality preset (``quality+KEY=VALUE`` arms): validation (where the
     choice is made) next to test, against the preset itself on the same seeds."""
-    d = load("benchmarks/results/accuracy_bf16.json")
+    d = load(ACCURACY_BF16)
     rows = []
     seeds = sorted({r["seed"] for r in d["runs"].values() if r["arm"].startswith("quality+")})
     for arm in ["quality", *sorted(a for a in d["summary"] if a.startswith("quality+"))]:
@@ -133,13 +134,13 @@ def accuracy_variants() -> str:
                          *(f"{r[k]:.3f}" for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
     table = markdown_table(["arm", "seed", "epochs", "selected", "img/s", "val acc.", "val bal. acc.", "val macro-F1",
                     "test acc.", "test bal. acc.", "test macro-F1"], rows)
-    return f"{table}\n\n{_runs_source(d, lambda arm: arm == 'quality' or arm.startswith('quality+'))}"
+    return f"{table}\n\n{runs_source(ACCURACY_BF16, d, lambda arm: arm == 'quality' or arm.startswith('quality+'))}"
 
 
 def default_variants() -> str:
     """Variants of the default pipeline (``default+KEY=VALUE`` arms) next to the default itself: validation
     (where the choice is made) and test, mean +- std over the seeds each arm ran."""
-    d = load("benchmarks/results/accuracy_bf16.json")
+    d = load(ACCURACY_BF16)
     s = d["summary"]
     rows = []
     for arm in ["default", *sorted(a for a in s if a.startswith("default+"))]:
@@ -153,21 +154,7 @@ def default_variants() -> str:
                      *(mean_std(s[arm], k) for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
     table = markdown_table(["arm", "seeds", "training", "val acc.", "val bal. acc.", "val macro-F1", "test acc.",
                     "test bal. acc.", "test macro-F1"], rows)
-    return f"{table}\n\n{_runs_source(d, lambda arm: arm == 'default' or arm.startswith('default+'))}"
-
-
-def _runs_source(d: dict, keep) -> str:
-    """The source line of a table of accuracy runs, naming every machine its runs were measured on (each
-    run records its own): training minutes of runs on different CPUs are not comparable."""
-    machines: dict[str, list[str]] = {}
-    for r in d["runs"].values():
-        if keep(r["arm"]):
-            machines.setdefault(describe_machine(r.get("environment")), []).append(f"{r['arm']}|{r['seed']}")
-    line = source(["benchmarks/results/accuracy_bf16.json"], None, None).rsplit(";", 1)[0]
-    if len(machines) == 1:
-        return f"{line}; {next(iter(machines))}."
-    return f"{line}; runs on **different machines**: " + "; ".join(
-        f"{m}: {', '.join(sorted(runs))}" for m, runs in machines.items()) + "."
+    return f"{table}\n\n{runs_source(ACCURACY_BF16, d, lambda arm: arm == 'default' or arm.startswith('default+'))}"
 
 
 def _ms(x) -> str:

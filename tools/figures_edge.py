@@ -19,12 +19,6 @@ DETECT = "benchmarks/results/detect.json"
 TARGET = {"macs": "MACs", "params": "params"}
 
 
-def _machine(env: dict | None) -> dict | None:
-    """The benchmark's ``environment`` in the shape figlib.describe_machine reads (None: no CPU recorded)."""
-    cpu = (env or {}).get("cpu_info")
-    return {"cpu": {**cpu, "cores": env.get("cpus", "?")}} if cpu else None
-
-
 def _full_model_version(d: dict) -> str | None:
     """The registry version of the pipeline model a compression benchmark started from, else its sha256
     (None: the benchmark trained its own full model)."""
@@ -63,7 +57,7 @@ def eeg_cwt() -> str:
              f"{ray['cpus_per_task']:g} CPU per task (machine shared with other work)", "",
              _rate(warm["segments_per_second"])]]
     table = markdown_table(["CWT step", "per segment", "segments/s"], rows)
-    return f"{table}\n\n{source([EEG], None, _machine(d.get('environment')))}"
+    return f"{table}\n\n{source([EEG], None, d.get('environment'))}"
 
 
 def eeg_tasks() -> str:
@@ -86,7 +80,7 @@ def eeg_tasks() -> str:
                      *(" / ".join(mean_std(s, k) for s in ss) for k in ("accuracy", "balanced_accuracy"))])
     table = markdown_table(["task (synthetic signals)", "reassembled windows per class", "train / test windows",
                             "test accuracy", "balanced accuracy"], rows)
-    return f"{table}\n\n{source([EEG], None, _machine(d.get('environment')))}"
+    return f"{table}\n\n{source([EEG], None, d.get('environment'))}"
 
 
 def _prune_label(r: dict, full_file: str | None, target: str) -> str:
@@ -145,7 +139,7 @@ def prune() -> str:
     table = markdown_table(["edge model", "params (M)", f"MMACs @{st['image_size']} px", "file (MB)",
                             f"batch-1 ms, {ts} threads", f"speed-up, {ts} threads",
                             f"batch-{lat['throughput_batch']} img/s, {top} threads", "test acc.", "macro-F1"], rows)
-    return f"{table}\n\n{source([PRUNE], _full_model_version(d), _machine(d.get('environment')))}"
+    return f"{table}\n\n{source([PRUNE], _full_model_version(d), d.get('environment'))}"
 
 
 def distill() -> str:
@@ -167,7 +161,7 @@ def distill() -> str:
     epochs = d["settings"]["finetune"]["epochs"]
     table = markdown_table([f"structured, fine-tuned {epochs} epoch{'' if epochs == 1 else 's'}",
                             "test acc., distilled / labels only", "macro-F1, distilled / labels only"], rows)
-    return f"{table}\n\n{source([DISTILL], _full_model_version(d), _machine(d.get('environment')))}"
+    return f"{table}\n\n{source([DISTILL], _full_model_version(d), d.get('environment'))}"
 
 
 def _detect_label(name: str, m: dict, settings: dict) -> str:
@@ -197,7 +191,7 @@ def detect() -> str:
                      *(f"{m[f'at_{s}']['ms_per_frame']:.1f}" if f"at_{s}" in m else "-" for s in sizes)])
     table = markdown_table(["model", "test mAP@0.5", "mAP@0.5:0.95", "parameters", f"MACs @{size}", "file",
                             *(f"ms/frame @{s}" for s in sizes)], rows)
-    return f"{table}\n\n{source([DETECT], None, _machine(d.get('environment')))}"
+    return f"{table}\n\n{source([DETECT], None, d.get('environment'))}"
 
 
 RENDERERS = {"eeg-cwt": eeg_cwt, "eeg-tasks": eeg_tasks, "prune": prune, "distill": distill, "detect": detect}

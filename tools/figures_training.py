@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from tools.figlib import load, markdown_table, mean_std, source  # noqa: E402
+from tools.figlib import load, markdown_table, mean_std, runs_source, source  # noqa: E402
 
 ACCURACY = "benchmarks/results/accuracy.json"
 MODELS = "benchmarks/results/models.json"
@@ -74,7 +74,7 @@ def _pair_table(pair: tuple[str, str], bold_keys: tuple[str, ...], per_seed_keys
         rows.append([labels.get(arm, arm), f"{s[arm]['training_minutes']['mean']:.1f} min",
                      f"{s[arm]['images_per_second']['mean']:.1f}", *cells])
     table = markdown_table(PAIR_HEADER, rows)
-    return f"{table}\n\n{source([ACCURACY], None, d.get('environment_first_run'))}"
+    return f"{table}\n\n{runs_source(ACCURACY, d, lambda arm: arm in pair)}"
 
 
 def accuracy_avx2() -> str:
@@ -115,7 +115,7 @@ def ablation_avx2() -> str:
                      *(mean_std(s[arm], k) for k in ("accuracy", "balanced_accuracy", "macro_f1"))])
     table = markdown_table(["step (adds to the previous)", "img/s", "val acc.", "val bal. acc.", "test acc.",
                             "test bal. acc.", "test macro-F1"], rows)
-    return f"{table}\n\n{source([ACCURACY], None, d.get('environment_first_run'))}"
+    return f"{table}\n\n{runs_source(ACCURACY, d, lambda arm: arm in arms)}"
 
 
 def models() -> str:
